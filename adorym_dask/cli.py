@@ -1,0 +1,74 @@
+"""Command line: ``adorym-dask reconstruct|simulate|demo``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from adorym_dask.config import ConfigError
+from adorym_dask.parameters import ProbeError
+from adorym_dask.storage.measurements import MeasurementError
+from adorym_dask.storage.results import OutputError
+
+USER_ERRORS = (ConfigError, MeasurementError, OutputError, ProbeError)
+
+
+def _reconstruct(args: argparse.Namespace) -> int:
+    from adorym_dask.api import reconstruct
+    from adorym_dask.plotting import save_summary_png
+
+    result = reconstruct(args.config, overrides=args.set)
+    print(f"wrote {result.output}  (final loss {result.loss[-1]:.5g})")
+    if args.png:
+        ds_attrs = result.open().attrs
+        png = save_summary_png(
+            args.png, obj=result.object(), representation=ds_attrs["representation"],
+            probe=result.probe, loss=result.loss,
+        )
+        print(f"wrote {png}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from adorym_dask.demo import run_demo
+
+    run_demo(Path(args.folder), epochs=args.epochs, n_workers=args.workers)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from adorym_dask.simulate import add_simulate_arguments, run_simulate
+
+    parser = argparse.ArgumentParser(prog="adorym-dask", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    rec = sub.add_parser("reconstruct", help="run a reconstruction from a YAML run file")
+    rec.add_argument("config", help="run file (YAML)")
+    rec.add_argument(
+        "--set", action="append", default=[], metavar="KEY.SUB=VALUE",
+        help="override a config value, e.g. --set optimizer.step_size=0.02 (repeatable)",
+    )
+    rec.add_argument("--png", help="also write a summary picture here")
+    rec.set_defaults(func=_reconstruct)
+    sim = sub.add_parser("simulate", help="write a simulated measurement file")
+    add_simulate_arguments(sim)
+    sim.set_defaults(func=run_simulate)
+    demo = sub.add_parser("demo", help="simulate a small dataset and reconstruct it")
+    demo.add_argument("--folder", default=".", help="where demo.zarr and demo.png go")
+    demo.add_argument("--epochs", type=int, default=30)
+    demo.add_argument("--workers", type=int, default=2)
+    demo.set_defaults(func=_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except USER_ERRORS as err:
+        print(f"adorym-dask: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

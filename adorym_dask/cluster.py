@@ -1,0 +1,56 @@
+"""Dask client set-up: a LocalCluster by default, or a running scheduler's address."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from collections.abc import Iterator
+
+from distributed import Client, LocalCluster, WorkerPlugin
+
+from adorym_dask.config import ClusterConfig
+
+
+class TorchThreads(WorkerPlugin):
+    """Give torch one intra-op thread per worker thread (tasks already run in parallel).
+
+    Without it, every task of a worker with ``T`` threads would start ``n_cores`` torch
+    threads, oversubscribing the node ``T`` times over.
+    """
+
+    name = "adorym-dask-torch-threads"
+
+    def setup(self, worker) -> None:  # noqa: ANN001 (distributed.Worker)
+        import torch
+
+        torch.set_num_threads(1)
+
+
+@contextmanager
+def dask_client(cfg: ClusterConfig, client: Client | None = None) -> Iterator[Client | None]:
+    """Yield the client to run on (None under the sync scheduler); close what we started."""
+    if client is not None:
+        client.register_plugin(TorchThreads())
+        yield client
+        return
+    if cfg.scheduler.value == "sync":
+        yield None
+        return
+    if cfg.address:
+        own = Client(cfg.address)
+        cluster = None
+    else:
+        cluster = LocalCluster(
+            n_workers=cfg.n_workers,
+            threads_per_worker=cfg.threads_per_worker,
+            memory_limit=cfg.memory_limit,
+            processes=True,
+            dashboard_address=cfg.dashboard_address,
+        )
+        own = Client(cluster)
+    try:
+        own.register_plugin(TorchThreads())
+        yield own
+    finally:
+        own.close()
+        if cluster is not None:
+            cluster.close()

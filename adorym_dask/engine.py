@@ -1,0 +1,212 @@
+"""The reconstruction loop: epochs of minibatches, each a Dask graph (see ``graphs/``).
+
+The driver holds only small things (probe, loss, plan); the object and its optimizer state
+live in the run store and are read and written by the tasks. The same loop runs on a cluster
+and under the synchronous scheduler: only the ``scheduler`` handed to ``dask.compute`` differs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import dask
+import numpy as np
+from dask.delayed import delayed
+from distributed import Client
+from tqdm.auto import tqdm
+
+from adorym_dask.cluster import dask_client
+from adorym_dask.config import RunConfig
+from adorym_dask.graphs.minibatch import build_minibatch, epoch_minibatches, plan_tile_groups
+from adorym_dask.optimizers import OptimizerSpec, ParameterOptimizer
+from adorym_dask.parameters import initial_probe
+from adorym_dask.registry import model_builder
+from adorym_dask.storage import results
+from adorym_dask.storage.measurements import (
+    MeasurementError,
+    Measurements,
+    check_positions_inside,
+    open_measurements,
+)
+from adorym_dask.storage.object_store import ObjectRef, create_object_store
+
+FORMATS = {"auto": None, "native": None, "cxi": "cxi", "adorym": "adorym_h5"}
+
+
+@dataclass
+class RunResult:
+    """Where a run wrote its result, and its small outputs."""
+
+    output: Path
+    loss: list[float]
+    probe: np.ndarray
+    object_ref: ObjectRef
+    position_offset_px: np.ndarray = field(default_factory=lambda: np.zeros(2))
+
+    def open(self):
+        """The run store as an ``xarray.Dataset``."""
+        import xarray as xr
+
+        return xr.open_zarr(self.output)
+
+    def object(self) -> np.ndarray:
+        """The object ``[n_y, n_x, n_z, 2]`` (loads it whole)."""
+        return self.object_ref.read_all()
+
+
+def load_measurements(cfg: RunConfig) -> Measurements:
+    d = cfg.data
+    return open_measurements(
+        d.path,
+        fmt=FORMATS[d.format.value],
+        energy_ev=d.energy_ev,
+        pixel_size_m=d.pixel_size_m,
+        detector_distance_m=d.detector_distance_m,
+        check_values=d.check_values,
+    )
+
+
+def object_layout(cfg: RunConfig, meas: Measurements) -> tuple[np.ndarray, tuple[int, int], np.ndarray]:
+    """Positions in object pixels, the object's (n_y, n_x), and the offset applied.
+
+    With ``object.shape_px`` the positions are used as given and must lie inside. Without it
+    the object is the smallest box holding every tile plus ``object.margin_px`` on each side.
+    """
+    pos = meas.positions_px
+    if cfg.object.shape_px is not None:
+        shape = tuple(cfg.object.shape_px)
+        offset = np.zeros(2)
+    else:
+        offset = cfg.object.margin_px - np.floor(pos.reshape(-1, 2).min(axis=0))
+        far = np.floor(pos.reshape(-1, 2) + offset).max(axis=0) + np.asarray(meas.det_shape)
+        shape = tuple(int(v) + cfg.object.margin_px for v in far)
+    pos = pos + offset
+    check_positions_inside(pos, meas.det_shape, shape)
+    return pos, shape, offset
+
+
+def _optimizer_spec(cfg: RunConfig) -> OptimizerSpec:
+    o = cfg.optimizer
+    return OptimizerSpec(o.name.value, o.step_size, o.beta1, o.beta2, o.eps)
+
+
+class Reconstruction:
+    """State of one run on the driver: the plan, the probe and its optimizer, the history.
+
+    Parameters
+    ----------
+    cfg : RunConfig
+        The validated configuration.
+    """
+
+    def __init__(self, cfg: RunConfig) -> None:
+        self.cfg = cfg
+        self.meas = load_measurements(cfg)
+        self.positions, shape, self.offset = object_layout(cfg, self.meas)
+        self.model = model_builder(cfg.model.kind)(cfg, self.meas)
+        self.probe = initial_probe(
+            cfg.probe, self.meas, n_modes=cfg.model.probe_modes, seed=cfg.seed
+        )
+        self.spec = _optimizer_spec(cfg)
+        probe_spec = OptimizerSpec(
+            "adam", cfg.probe.step_size * float(np.abs(self.probe).max())
+        )
+        self.probe_opt = ParameterOptimizer((*self.probe.shape, 2), probe_spec)
+        group_size = min(cfg.tile_group_size, cfg.minibatch_size)
+        self.groups = plan_tile_groups(self.positions, self.meas.det_shape, group_size)
+        results.check_output(Path(cfg.output), overwrite=cfg.overwrite)
+        self.obj = create_object_store(
+            str(cfg.output),
+            shape=(*shape, cfg.model.slices),
+            chunks=cfg.object.chunks_px,
+            representation=cfg.object.representation.value,
+            state_names=self.spec.state_names,
+            overwrite=cfg.overwrite,
+        )
+        self._write_metadata()
+        self.loss: list[float] = []
+        self.step = 0
+
+    def _write_metadata(self) -> None:
+        path = str(self.cfg.output)
+        spacing = self.cfg.model.slice_spacing_m or self.meas.pixel_size_m
+        results.write_coordinates(
+            path, shape=self.obj.shape[:3], pixel_size_m=self.meas.pixel_size_m,
+            slice_spacing_m=spacing,
+        )
+        results.write_attrs(path, {
+            "config": self.cfg.model_dump(mode="json"),
+            "versions": results.versions(),
+            "representation": self.cfg.object.representation.value,
+            "energy_ev": self.meas.energy_ev,
+            "pixel_size_m": self.meas.pixel_size_m,
+            "position_offset_px": self.offset.tolist(),
+            "data_path": str(self.meas.source.path),
+        })
+        results.write_progress(path, probe=self.probe, loss=[])
+
+    def refine_probe(self, epoch: int) -> bool:
+        return self.cfg.probe.refine and epoch >= self.cfg.probe.refine_start_epoch
+
+    def run_epoch(self, epoch: int, scheduler) -> float:
+        """One pass over every tile; returns the tile-weighted mean loss."""
+        rng = np.random.default_rng([self.cfg.seed, epoch])
+        batches = epoch_minibatches(self.groups, self.cfg.minibatch_size, rng)
+        want_probe = self.refine_probe(epoch)
+        total, n_total = 0.0, 0
+        for b, groups in enumerate(batches):
+            self.step += 1
+            tag = f"e{epoch}-b{b}"
+            graph = build_minibatch(
+                groups,
+                obj=self.obj,
+                source=self.meas.source,
+                probe=delayed(self.probe, name=f"probe-{tag}"),
+                model=delayed(self.model, name=f"model-{epoch}", traverse=False),
+                spec=self.spec,
+                step=self.step,
+                want_probe_grad=want_probe,
+                tag=tag,
+            )
+            loss, pgrad, *_ = dask.compute(
+                graph.loss, graph.probe_grad, *graph.updates, scheduler=scheduler
+            )
+            if pgrad is not None:
+                real = results.complex_to_channels(self.probe)
+                g = results.complex_to_channels(pgrad)
+                self.probe = results.channels_to_complex(self.probe_opt.update(real, g))
+            n = sum(len(g.tiles) for g in groups)
+            total += loss * n
+            n_total += n
+        return total / n_total
+
+    def run(self, client: Client | None = None, *, callback: Callable | None = None) -> RunResult:
+        """Run every epoch; ``callback(epoch, loss, reconstruction)`` after each."""
+        path = str(self.cfg.output)
+        with dask_client(self.cfg.cluster, client) as c:
+            scheduler = c if c is not None else "sync"
+            bar = tqdm(range(self.cfg.epochs), desc="epochs", disable=not self.cfg.progress)
+            for epoch in bar:
+                loss = self.run_epoch(epoch, scheduler)
+                if not math.isfinite(loss):
+                    raise FloatingPointError(
+                        f"loss became {loss} in epoch {epoch}; lower optimizer.step_size"
+                    )
+                self.loss.append(loss)
+                results.write_progress(path, probe=self.probe, loss=self.loss)
+                bar.set_postfix(loss=f"{loss:.4g}")
+                if callback is not None:
+                    callback(epoch, loss, self)
+        results.finalize(path)
+        return RunResult(Path(path), self.loss, self.probe, self.obj, self.offset)
+
+
+def run(cfg: RunConfig, client: Client | None = None, **kwargs) -> RunResult:
+    """Build a :class:`Reconstruction` from ``cfg`` and run it."""
+    return Reconstruction(cfg).run(client, **kwargs)
+
+
+__all__ = ["Reconstruction", "RunResult", "run", "MeasurementError"]

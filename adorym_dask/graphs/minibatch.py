@@ -1,0 +1,138 @@
+"""Plan tile groups once, and build one Dask graph per minibatch.
+
+Graph of one minibatch::
+
+    tile_group_gradient (one task per group)
+        -> crop_sum / add_in_order tree per touched block -> update_block (one writer per block)
+        -> loss and probe-gradient trees, gathered by the driver
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from dask.delayed import Delayed, delayed
+
+from adorym_dask.graphs.reduction import block_gradient, field_sum
+from adorym_dask.graphs.tasks import TileGroup, group_box, tile_group_gradient
+from adorym_dask.graphs.update import update_block
+from adorym_dask.optimizers import OptimizerSpec
+from adorym_dask.storage.object_store import ObjectRef
+
+FAN_IN = 8
+
+
+def spatial_order(positions_px: np.ndarray, det_shape: tuple[int, int]) -> np.ndarray:
+    """Order tiles along a serpentine over bands of half a tile height, so that consecutive
+    tiles are neighbours and a group of them sees a compact object box.
+
+    ``positions_px [n, 2]`` -> permutation ``[n]``.
+    """
+    band = np.floor(positions_px[:, 0] / max(1, det_shape[0] // 2)).astype(np.int64)
+    x = np.where(band % 2 == 0, positions_px[:, 1], -positions_px[:, 1])
+    return np.lexsort((x, band))
+
+
+def plan_tile_groups(
+    positions_px: np.ndarray, det_shape: tuple[int, int], group_size: int
+) -> list[TileGroup]:
+    """Split every angle's tiles into spatially compact groups of ``group_size``.
+
+    Parameters
+    ----------
+    positions_px : ndarray
+        ``[n_angles, n_tiles, 2]`` tile corners in object pixels.
+    """
+    groups: list[TileGroup] = []
+    for angle, pos in enumerate(positions_px):
+        order = spatial_order(pos, det_shape)
+        n_chunks = max(1, round(len(order) / group_size))
+        for tiles in np.array_split(order, n_chunks):
+            p = pos[tiles]
+            groups.append(TileGroup(len(groups), angle, tiles, p, group_box(p, det_shape)))
+    return groups
+
+
+def epoch_minibatches(
+    groups: Sequence[TileGroup], minibatch_size: int, rng: np.random.Generator
+) -> list[list[TileGroup]]:
+    """Shuffle the groups and pack them into minibatches of about ``minibatch_size`` tiles.
+
+    Minibatches never mix angles (each optimizer step sees one rotation of the object). Groups
+    inside a minibatch are sorted by index, which fixes the reduction order.
+    """
+    by_angle: dict[int, list[TileGroup]] = {}
+    for g in groups:
+        by_angle.setdefault(g.angle, []).append(g)
+    batches: list[list[TileGroup]] = []
+    for angle in rng.permutation(sorted(by_angle)):
+        members = [by_angle[int(angle)][i] for i in rng.permutation(len(by_angle[int(angle)]))]
+        current: list[TileGroup] = []
+        for g in members:
+            current.append(g)
+            if sum(len(c.tiles) for c in current) >= minibatch_size:
+                batches.append(sorted(current, key=lambda c: c.index))
+                current = []
+        if current:
+            batches.append(sorted(current, key=lambda c: c.index))
+    order = rng.permutation(len(batches))
+    return [batches[i] for i in order]
+
+
+@dataclass
+class MinibatchGraph:
+    """Delayed outputs of one minibatch: the loss, the probe gradient, the block updates."""
+
+    loss: Delayed
+    probe_grad: Delayed | None
+    updates: list[Delayed]
+
+
+def build_minibatch(
+    groups: Sequence[TileGroup],
+    *,
+    obj: ObjectRef,
+    source,
+    probe: Delayed,
+    model: Delayed,
+    spec: OptimizerSpec,
+    step: int,
+    want_probe_grad: bool,
+    tag: str,
+) -> MinibatchGraph:
+    """Build the graph of one optimizer step (see module docstring)."""
+    n_tiles = sum(len(g.tiles) for g in groups)
+    scale = 1.0 / n_tiles
+    pieces = [
+        delayed(tile_group_gradient, pure=True)(
+            g, obj, source, probe, model, scale=scale, want_probe_grad=want_probe_grad,
+            dask_key_name=f"grad-{tag}-{g.index}",
+        )
+        for g in groups
+    ]
+    touching: dict[tuple[int, int], list[int]] = {}
+    for i, g in enumerate(groups):
+        for block in obj.blocks_overlapping(g.box):
+            touching.setdefault(block, []).append(i)
+    updates = []
+    for block in sorted(touching):
+        name = f"blockgrad-{tag}-{block[0]}-{block[1]}"
+        grad = block_gradient(
+            obj.block_box(block), obj.shape[2], [pieces[i] for i in touching[block]],
+            fan_in=FAN_IN, name=name,
+        )
+        updates.append(
+            delayed(update_block, pure=True)(
+                obj, block, grad, step=step, spec=spec,
+                dask_key_name=f"update-{tag}-{block[0]}-{block[1]}",
+            )
+        )
+    loss = field_sum(pieces, "loss", fan_in=FAN_IN, name=f"loss-{tag}")
+    pgrad = (
+        field_sum(pieces, "probe_grad", fan_in=FAN_IN, name=f"probegrad-{tag}")
+        if want_probe_grad
+        else None
+    )
+    return MinibatchGraph(loss=loss, probe_grad=pgrad, updates=updates)

@@ -1,0 +1,102 @@
+"""Everything in a run store besides the object: probe, loss history, coordinates, provenance.
+
+The store opens with ``xarray.open_zarr(path)``: ``object (y, x, z, channel)``,
+``probe (mode, py, px, channel)`` with channel = (real, imag), ``loss (epoch,)``, coordinates
+``y``, ``x``, ``z`` in metres, and the config and versions as attributes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+
+class OutputError(OSError):
+    """The output location cannot be used (exists, read-only, not a folder, ...)."""
+
+
+def check_output(path: Path, *, overwrite: bool) -> None:
+    """Refuse before any work is done if the run store cannot be written.
+
+    An existing store is never touched unless ``overwrite`` is set.
+    """
+    if "://" in str(path):
+        return
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise OutputError(
+            f"output: {path} already exists; choose another output path, or set "
+            "overwrite: true (--set overwrite=true) to replace it"
+        )
+    parent = path.parent if path.parent != Path("") else Path(".")
+    if not parent.is_dir():
+        raise OutputError(f"output: folder {parent} does not exist; create it or change output")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"output: folder {parent} is not writable; choose a writable output path")
+
+
+def versions() -> dict[str, str]:
+    """Versions of the packages a result depends on, and the git commit of the source."""
+    out = {}
+    for name in ("adorym-dask", "torch", "numpy", "dask", "distributed", "zarr"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "unknown"
+    try:
+        src = Path(__file__).resolve().parents[2]
+        out["git"] = subprocess.run(
+            ["git", "-C", str(src), "rev-parse", "HEAD"], capture_output=True, text=True,
+            timeout=5, check=False,
+        ).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        out["git"] = "unknown"
+    return out
+
+
+def complex_to_channels(a: np.ndarray) -> np.ndarray:
+    """Complex ``[...]`` -> float32 ``[..., 2]`` (real, imag)."""
+    return np.stack([a.real, a.imag], axis=-1).astype(np.float32)
+
+
+def channels_to_complex(a: np.ndarray) -> np.ndarray:
+    """Float ``[..., 2]`` -> complex64 ``[...]``."""
+    return (a[..., 0] + 1j * a[..., 1]).astype(np.complex64)
+
+
+def _put(group: zarr.Group, name: str, data: np.ndarray, dims: list[str]) -> None:
+    group.create_array(name, data=data, dimension_names=dims, overwrite=True)
+
+
+def write_coordinates(
+    path: str, *, shape: tuple[int, int, int], pixel_size_m: float, slice_spacing_m: float
+) -> None:
+    """Physical coordinates (metres) of the object axes."""
+    g = zarr.open_group(store=path, mode="r+")
+    for name, n, step in (("y", shape[0], pixel_size_m), ("x", shape[1], pixel_size_m),
+                          ("z", shape[2], slice_spacing_m)):
+        _put(g, name, np.arange(n, dtype=np.float64) * step, [name])
+        g[name].attrs["units"] = "m"
+
+
+def write_progress(path: str, *, probe: np.ndarray, loss: list[float]) -> None:
+    """Store the current probe ``[M, py, px]`` complex and the loss history."""
+    g = zarr.open_group(store=path, mode="r+")
+    _put(g, "probe", complex_to_channels(probe), ["mode", "py", "px", "channel"])
+    _put(g, "loss", np.asarray(loss, np.float64), ["epoch"])
+
+
+def write_attrs(path: str, attrs: dict) -> None:
+    g = zarr.open_group(store=path, mode="r+")
+    g.attrs.update(json.loads(json.dumps(attrs, default=str)))
+
+
+def finalize(path: str) -> None:
+    """Consolidate metadata so xarray opens the store with one read."""
+    zarr.consolidate_metadata(path)
