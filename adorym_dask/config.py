@@ -139,7 +139,12 @@ class OptimizerName(str, enum.Enum):
 
 class OptimizerConfig(_Strict):
     name: OptimizerName = OptimizerName.adam
-    step_size: float = Field(0.01, gt=0)
+    step_size: float | None = Field(
+        None,
+        gt=0,
+        description="default: 0.03 for real_imag; for delta_beta the delta/beta step that "
+        "shifts a slice's phase by 0.03 rad",
+    )
     beta1: float = Field(0.9, ge=0, lt=1)
     beta2: float = Field(0.999, ge=0, lt=1)
     eps: float = Field(1e-8, gt=0)

@@ -88,9 +88,27 @@ def object_layout(cfg: RunConfig, meas: Measurements) -> tuple[np.ndarray, tuple
     return pos, shape, offset
 
 
-def _optimizer_spec(cfg: RunConfig) -> OptimizerSpec:
+DEFAULT_PHASE_STEP_RAD = 0.03  # measured: converges fastest among 0.01/0.03/0.1 on simulations
+
+
+def object_step_size(cfg: RunConfig, model) -> float:
+    """The object's step size: the configured one, or 0.03 rad of phase per step.
+
+    For real/imag objects a step of 0.03 in transmission moves the phase of a unit-magnitude
+    pixel by about 0.03 rad; for delta/beta it is the delta step whose phase shift over one
+    slice, k delta L, is 0.03 rad.
+    """
+    if cfg.optimizer.step_size is not None:
+        return cfg.optimizer.step_size
+    if cfg.object.representation.value == "real_imag":
+        return DEFAULT_PHASE_STEP_RAD
+    k = 2 * math.pi / model.wavelength_m
+    return DEFAULT_PHASE_STEP_RAD / (k * model.slice_thickness_m)
+
+
+def _optimizer_spec(cfg: RunConfig, model) -> OptimizerSpec:
     o = cfg.optimizer
-    return OptimizerSpec(o.name.value, o.step_size, o.beta1, o.beta2, o.eps)
+    return OptimizerSpec(o.name.value, object_step_size(cfg, model), o.beta1, o.beta2, o.eps)
 
 
 class Reconstruction:
@@ -110,7 +128,7 @@ class Reconstruction:
         self.probe = initial_probe(
             cfg.probe, self.meas, n_modes=cfg.model.probe_modes, seed=cfg.seed
         )
-        self.spec = _optimizer_spec(cfg)
+        self.spec = _optimizer_spec(cfg, self.model)
         probe_spec = OptimizerSpec(
             "adam", cfg.probe.step_size * float(np.abs(self.probe).max())
         )
