@@ -81,7 +81,7 @@ def object_layout(cfg: RunConfig, meas: Measurements) -> tuple[np.ndarray, tuple
         offset = np.zeros(2)
     else:
         offset = cfg.object.margin_px - np.floor(pos.reshape(-1, 2).min(axis=0))
-        far = np.floor(pos.reshape(-1, 2) + offset).max(axis=0) + np.asarray(meas.det_shape)
+        far = np.ceil(pos.reshape(-1, 2) + offset).max(axis=0) + np.asarray(meas.det_shape)
         shape = tuple(int(v) + cfg.object.margin_px for v in far)
     pos = pos + offset
     check_positions_inside(pos, meas.det_shape, shape)
