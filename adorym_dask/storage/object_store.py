@@ -137,7 +137,12 @@ def create_object_store(
     chunks = (min(chunks[0], shape[0]), min(chunks[1], shape[1]))
     group = zarr.open_group(store=path, mode="w" if overwrite else "w-")
     dims = ["y", "x", "z", "channel"]
-    kw = dict(shape=full, chunks=(*chunks, shape[2], 2), dtype="float32", fill_value=0.0)
+    # No compression: float gradients and Adam moments barely compress, and every update task
+    # reads and writes its block each minibatch.
+    kw = dict(
+        shape=full, chunks=(*chunks, shape[2], 2), dtype="float32", fill_value=0.0,
+        compressors=None,
+    )
     obj = group.create_array(OBJECT, dimension_names=dims, **kw)
     channels = ["real", "imag"] if representation == "real_imag" else ["delta", "beta"]
     obj.attrs.update({"representation": representation, "channels": channels})
