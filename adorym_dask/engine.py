@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from adorym_dask.cluster import dask_client
 from adorym_dask.config import RunConfig
 from adorym_dask.graphs.minibatch import build_minibatch, epoch_minibatches, plan_tile_groups
-from adorym_dask.optimizers import OptimizerSpec, ParameterOptimizer
+from adorym_dask.optimizers import OptimizerSpec, ParameterState
 from adorym_dask.parameters import initial_probe
 from adorym_dask.registry import model_builder
 from adorym_dask.storage import results
@@ -125,14 +125,12 @@ class Reconstruction:
         self.meas = load_measurements(cfg)
         self.positions, shape, self.offset = object_layout(cfg, self.meas)
         self.model = model_builder(cfg.model.kind)(cfg, self.meas)
-        self.probe = initial_probe(
-            cfg.probe, self.meas, n_modes=cfg.model.probe_modes, seed=cfg.seed
-        )
+        probe = initial_probe(cfg.probe, self.meas, n_modes=cfg.model.probe_modes, seed=cfg.seed)
         self.spec = _optimizer_spec(cfg, self.model)
-        probe_spec = OptimizerSpec(
-            "adam", cfg.probe.step_size * float(np.abs(self.probe).max())
+        self.probe_spec = OptimizerSpec(
+            "adam", cfg.probe.step_size * float(np.abs(probe).max())
         )
-        self.probe_opt = ParameterOptimizer((*self.probe.shape, 2), probe_spec)
+        self.probe_state = ParameterState.start(probe, self.probe_spec)
         group_size = min(cfg.tile_group_size, cfg.minibatch_size)
         self.groups = plan_tile_groups(self.positions, self.meas.det_shape, group_size)
         results.check_output(Path(cfg.output), overwrite=cfg.overwrite)
@@ -169,37 +167,50 @@ class Reconstruction:
     def refine_probe(self, epoch: int) -> bool:
         return self.cfg.probe.refine and epoch >= self.cfg.probe.refine_start_epoch
 
+    @property
+    def probe(self) -> np.ndarray:
+        """Current probe ``[M, py, px]`` complex64."""
+        return self.probe_state.value
+
     def run_epoch(self, epoch: int, scheduler) -> float:
-        """One pass over every tile; returns the tile-weighted mean loss."""
+        """One pass over every tile; returns the tile-weighted mean loss.
+
+        Every minibatch's graph is handed to the scheduler as soon as it is built (persisted,
+        not waited for): each one depends only on the block updates and probe step it needs
+        from the one before. The driver waits once, at the end of the epoch.
+        """
         rng = np.random.default_rng([self.cfg.seed, epoch])
         batches = epoch_minibatches(self.groups, self.cfg.minibatch_size, rng)
         want_probe = self.refine_probe(epoch)
-        total, n_total = 0.0, 0
+        model = delayed(self.model, name=f"model-e{epoch}", traverse=False)
+        probe_state = delayed(self.probe_state, name=f"probestate-e{epoch}", traverse=False)
+        last_update: dict = {}
+        losses, weights = [], []
         for b, groups in enumerate(batches):
             self.step += 1
-            tag = f"e{epoch}-b{b}"
             graph = build_minibatch(
                 groups,
                 obj=self.obj,
                 source=self.meas.source,
-                probe=delayed(self.probe, name=f"probe-{tag}"),
-                model=delayed(self.model, name=f"model-{epoch}", traverse=False),
+                probe_state=probe_state,
+                model=model,
                 spec=self.spec,
+                probe_spec=self.probe_spec,
                 step=self.step,
                 want_probe_grad=want_probe,
-                tag=tag,
+                last_update=last_update,
+                tag=f"e{epoch}-b{b}",
             )
-            loss, pgrad, *_ = dask.compute(
-                graph.loss, graph.probe_grad, *graph.updates, scheduler=scheduler
+            loss, probe_state, *updates = _persist(
+                scheduler, graph.loss, graph.probe_state, *graph.updates.values()
             )
-            if pgrad is not None:
-                real = results.complex_to_channels(self.probe)
-                g = results.complex_to_channels(pgrad)
-                self.probe = results.channels_to_complex(self.probe_opt.update(real, g))
-            n = sum(len(g.tiles) for g in groups)
-            total += loss * n
-            n_total += n
-        return total / n_total
+            last_update.update(zip(graph.updates, updates))
+            losses.append(loss)
+            weights.append(sum(len(g.tiles) for g in groups))
+        losses, self.probe_state, _ = dask.compute(
+            losses, probe_state, list(last_update.values()), scheduler=scheduler
+        )
+        return float(np.dot(losses, weights) / np.sum(weights))
 
     def run(self, client: Client | None = None, *, callback: Callable | None = None) -> RunResult:
         """Run every epoch; ``callback(epoch, loss, reconstruction)`` after each."""
@@ -220,6 +231,13 @@ class Reconstruction:
                     callback(epoch, loss, self)
         results.finalize(path)
         return RunResult(Path(path), self.loss, self.probe, self.obj, self.offset)
+
+
+def _persist(scheduler, *collections):
+    """Start computing ``collections`` without waiting (a Client), or compute them now (sync)."""
+    if isinstance(scheduler, Client):
+        return scheduler.persist(list(collections))
+    return dask.persist(*collections, scheduler=scheduler)
 
 
 def run(cfg: RunConfig, client: Client | None = None, **kwargs) -> RunResult:

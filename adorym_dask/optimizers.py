@@ -56,15 +56,39 @@ def apply_step(
     raise ValueError(f"unknown optimizer {spec.name!r}; choose one of {sorted(STATE_NAMES)}")
 
 
-class ParameterOptimizer:
-    """Driver-side optimizer state for one small refinable parameter (e.g. the probe)."""
+def as_real(a: np.ndarray) -> np.ndarray:
+    """Complex ``[...]`` -> float32 ``[..., 2]`` (real, imag)."""
+    return np.stack([a.real, a.imag], axis=-1).astype(np.float32)
 
-    def __init__(self, shape: tuple[int, ...], spec: OptimizerSpec) -> None:
-        self.spec = spec
-        self.state = {k: np.zeros(shape, np.float32) for k in spec.state_names}
-        self.step = 0
 
-    def update(self, x: np.ndarray, grad: np.ndarray) -> np.ndarray:
-        self.step += 1
-        x, self.state = apply_step(x, grad, self.state, self.step, self.spec)
-        return x
+def as_complex(a: np.ndarray) -> np.ndarray:
+    """Float ``[..., 2]`` -> complex64 ``[...]``."""
+    return (a[..., 0] + 1j * a[..., 1]).astype(np.complex64)
+
+
+@dataclass(frozen=True)
+class ParameterState:
+    """A small complex parameter (e.g. the probe) with its optimizer state and step count."""
+
+    value: np.ndarray
+    state: dict
+    step: int = 0
+
+    @classmethod
+    def start(cls, value: np.ndarray, spec: OptimizerSpec) -> ParameterState:
+        zeros = {k: np.zeros((*value.shape, 2), np.float32) for k in spec.state_names}
+        return cls(np.asarray(value, np.complex64), zeros, 0)
+
+
+def parameter_step(
+    ps: ParameterState, grad: np.ndarray | None, spec: OptimizerSpec
+) -> ParameterState:
+    """One optimizer step of a complex parameter (pure; ``grad`` None leaves it unchanged)."""
+    if grad is None:
+        return ps
+    x, state = apply_step(as_real(ps.value), as_real(grad), ps.state, ps.step + 1, spec)
+    return ParameterState(as_complex(x), state, ps.step + 1)
+
+
+def parameter_value(ps: ParameterState) -> np.ndarray:
+    return ps.value

@@ -139,7 +139,7 @@ def loop_epoch(rec, epoch: int) -> float:
     from adorym_dask.graphs.reduction import crop_sum
     from adorym_dask.graphs.tasks import tile_group_gradient
     from adorym_dask.graphs.update import update_block
-    from adorym_dask.storage import results
+    from adorym_dask.optimizers import parameter_step
 
     obj = rec.obj
     rng = np.random.default_rng([rec.cfg.seed, epoch])
@@ -170,10 +170,7 @@ def loop_epoch(rec, epoch: int) -> float:
             update_block(obj, block, _tree_sum(leaves, FAN_IN), step=rec.step, spec=rec.spec)
         loss = _tree_sum([p.loss for p in pieces], FAN_IN)
         pgrad = _tree_sum([p.probe_grad for p in pieces], FAN_IN) if want_probe else None
-        if pgrad is not None:
-            real = results.complex_to_channels(rec.probe)
-            g = results.complex_to_channels(pgrad)
-            rec.probe = results.channels_to_complex(rec.probe_opt.update(real, g))
+        rec.probe_state = parameter_step(rec.probe_state, pgrad, rec.probe_spec)
         total += loss * n
         n_total += n
     return total / n_total

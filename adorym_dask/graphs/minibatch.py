@@ -18,7 +18,7 @@ from dask.delayed import Delayed, delayed
 from adorym_dask.graphs.reduction import block_gradient, field_sum
 from adorym_dask.graphs.tasks import TileGroup, group_box, tile_group_gradient
 from adorym_dask.graphs.update import update_block
-from adorym_dask.optimizers import OptimizerSpec
+from adorym_dask.optimizers import OptimizerSpec, parameter_step, parameter_value
 from adorym_dask.storage.object_store import ObjectRef
 
 FAN_IN = 8
@@ -83,11 +83,21 @@ def epoch_minibatches(
 
 @dataclass
 class MinibatchGraph:
-    """Delayed outputs of one minibatch: the loss, the probe gradient, the block updates."""
+    """Delayed outputs of one minibatch.
+
+    Attributes
+    ----------
+    loss : Delayed
+        Minibatch mean loss (float).
+    probe_state : Delayed
+        :class:`ParameterState` of the probe after this step.
+    updates : dict
+        Block index -> the Delayed update task of that block.
+    """
 
     loss: Delayed
-    probe_grad: Delayed | None
-    updates: list[Delayed]
+    probe_state: Delayed
+    updates: dict[tuple[int, int], Delayed]
 
 
 def build_minibatch(
@@ -95,44 +105,53 @@ def build_minibatch(
     *,
     obj: ObjectRef,
     source,
-    probe: Delayed,
+    probe_state: Delayed,
     model: Delayed,
     spec: OptimizerSpec,
+    probe_spec: OptimizerSpec,
     step: int,
     want_probe_grad: bool,
+    last_update: dict[tuple[int, int], Delayed],
     tag: str,
 ) -> MinibatchGraph:
-    """Build the graph of one optimizer step (see module docstring)."""
+    """Build the graph of one optimizer step (see module docstring).
+
+    ``probe_state`` and ``last_update`` may be results of the previous minibatch that are still
+    running: each gradient task depends on the last update of every block it reads, and on the
+    probe of the previous step, so the driver can queue minibatches without waiting, and a
+    minibatch starts on blocks the previous one does not touch.
+    """
     n_tiles = sum(len(g.tiles) for g in groups)
-    scale = 1.0 / n_tiles
-    pieces = [
-        delayed(tile_group_gradient, pure=True)(
-            g, obj, source, probe, model, scale=scale, want_probe_grad=want_probe_grad,
-            dask_key_name=f"grad-{tag}-{g.index}",
-        )
-        for g in groups
-    ]
+    probe = delayed(parameter_value, pure=True)(probe_state, dask_key_name=f"probe-{tag}")
+    pieces = []
     touching: dict[tuple[int, int], list[int]] = {}
     for i, g in enumerate(groups):
-        for block in obj.blocks_overlapping(g.box):
+        blocks = obj.blocks_overlapping(g.box)
+        for block in blocks:
             touching.setdefault(block, []).append(i)
-    updates = []
+        pieces.append(
+            delayed(tile_group_gradient, pure=True)(
+                g, obj, source, probe, model, scale=1.0 / n_tiles,
+                want_probe_grad=want_probe_grad,
+                after=[last_update[b] for b in blocks if b in last_update],
+                dask_key_name=f"grad-{tag}-{g.index}",
+            )
+        )
+    updates = {}
     for block in sorted(touching):
         name = f"blockgrad-{tag}-{block[0]}-{block[1]}"
         grad = block_gradient(
             obj.block_box(block), obj.shape[2], [pieces[i] for i in touching[block]],
             fan_in=FAN_IN, name=name,
         )
-        updates.append(
-            delayed(update_block, pure=True)(
-                obj, block, grad, step=step, spec=spec,
-                dask_key_name=f"update-{tag}-{block[0]}-{block[1]}",
-            )
+        updates[block] = delayed(update_block, pure=True)(
+            obj, block, grad, step=step, spec=spec,
+            dask_key_name=f"update-{tag}-{block[0]}-{block[1]}",
         )
     loss = field_sum(pieces, "loss", fan_in=FAN_IN, name=f"loss-{tag}")
-    pgrad = (
-        field_sum(pieces, "probe_grad", fan_in=FAN_IN, name=f"probegrad-{tag}")
-        if want_probe_grad
-        else None
-    )
-    return MinibatchGraph(loss=loss, probe_grad=pgrad, updates=updates)
+    if want_probe_grad:
+        pgrad = field_sum(pieces, "probe_grad", fan_in=FAN_IN, name=f"probegrad-{tag}")
+        probe_state = delayed(parameter_step, pure=True)(
+            probe_state, pgrad, probe_spec, dask_key_name=f"probestep-{tag}"
+        )
+    return MinibatchGraph(loss=loss, probe_state=probe_state, updates=updates)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -80,6 +81,7 @@ def tile_group_gradient(
     *,
     scale: float,
     want_probe_grad: bool,
+    after: Sequence = (),
 ) -> GroupGradient:
     """Forward model, loss and backward pass for one tile group (all tiles and modes batched).
 
@@ -100,6 +102,9 @@ def tile_group_gradient(
         the minibatch mean.
     want_probe_grad : bool
         Also differentiate with respect to the probe.
+    after : sequence
+        Ignored values: the update tasks of the blocks this group reads, passed only so that
+        Dask runs this task after them (read after write across minibatches).
     """
     meas = torch.from_numpy(read_tiles(source, group.angle, group.tiles))
     box = torch.from_numpy(obj.read_box(group.box)).requires_grad_(True)

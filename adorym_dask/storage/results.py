@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import zarr
 
+from adorym_dask.optimizers import as_real
+
 
 class OutputError(OSError):
     """The output location cannot be used (exists, read-only, not a folder, ...)."""
@@ -70,16 +72,6 @@ def versions() -> dict[str, str]:
     return out
 
 
-def complex_to_channels(a: np.ndarray) -> np.ndarray:
-    """Complex ``[...]`` -> float32 ``[..., 2]`` (real, imag)."""
-    return np.stack([a.real, a.imag], axis=-1).astype(np.float32)
-
-
-def channels_to_complex(a: np.ndarray) -> np.ndarray:
-    """Float ``[..., 2]`` -> complex64 ``[...]``."""
-    return (a[..., 0] + 1j * a[..., 1]).astype(np.complex64)
-
-
 def _put(group: zarr.Group, name: str, data: np.ndarray, dims: list[str]) -> None:
     group.create_array(name, data=data, dimension_names=dims, overwrite=True)
 
@@ -98,7 +90,7 @@ def write_coordinates(
 def write_progress(path: str, *, probe: np.ndarray, loss: list[float]) -> None:
     """Store the current probe ``[M, py, px]`` complex and the loss history."""
     g = zarr.open_group(store=path, mode="r+")
-    _put(g, "probe", complex_to_channels(probe), ["mode", "py", "px", "channel"])
+    _put(g, "probe", as_real(probe), ["mode", "py", "px", "channel"])
     _put(g, "loss", np.asarray(loss, np.float64), ["epoch"])
 
 
