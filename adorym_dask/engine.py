@@ -201,16 +201,16 @@ class Reconstruction:
                 last_update=last_update,
                 tag=f"e{epoch}-b{b}",
             )
-            loss, probe_state, *updates = _persist(
-                scheduler, graph.loss, graph.probe_state, *graph.updates.values()
+            sums, probe_state, *updates = _persist(
+                scheduler, graph.sums, graph.probe_state, *graph.updates.values()
             )
             last_update.update(zip(graph.updates, updates))
-            losses.append(loss)
+            losses.append(sums)
             weights.append(sum(len(g.tiles) for g in groups))
-        losses, self.probe_state, _ = dask.compute(
+        sums, self.probe_state, _ = dask.compute(
             losses, probe_state, list(last_update.values()), scheduler=scheduler
         )
-        return float(np.dot(losses, weights) / np.sum(weights))
+        return float(np.dot([s[0] for s in sums], weights) / np.sum(weights))
 
     def run(self, client: Client | None = None, *, callback: Callable | None = None) -> RunResult:
         """Run every epoch; ``callback(epoch, loss, reconstruction)`` after each."""

@@ -88,7 +88,3 @@ def parameter_step(
         return ps
     x, state = apply_step(as_real(ps.value), as_real(grad), ps.state, ps.step + 1, spec)
     return ParameterState(as_complex(x), state, ps.step + 1)
-
-
-def parameter_value(ps: ParameterState) -> np.ndarray:
-    return ps.value

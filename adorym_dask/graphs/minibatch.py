@@ -3,8 +3,8 @@
 Graph of one minibatch::
 
     tile_group_gradient (one task per group)
-        -> crop_sum / add_in_order tree per touched block -> update_block (one writer per block)
-        -> loss and probe-gradient trees, gathered by the driver
+        -> (crop_sum tree when a block has many pieces) -> update_block (one writer per block)
+        -> small_sums (loss, probe gradient) -> probe_step
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ from dataclasses import dataclass
 import numpy as np
 from dask.delayed import Delayed, delayed
 
-from adorym_dask.graphs.reduction import block_gradient, field_sum
+from adorym_dask.graphs.reduction import block_partials, small_sum_tree
 from adorym_dask.graphs.tasks import TileGroup, group_box, tile_group_gradient
 from adorym_dask.graphs.update import update_block
-from adorym_dask.optimizers import OptimizerSpec, parameter_step, parameter_value
+from adorym_dask.optimizers import OptimizerSpec, ParameterState, parameter_step
 from adorym_dask.storage.object_store import ObjectRef
 
 FAN_IN = 8
@@ -87,15 +87,15 @@ class MinibatchGraph:
 
     Attributes
     ----------
-    loss : Delayed
-        Minibatch mean loss (float).
+    sums : Delayed
+        ``(loss, probe_grad)``: minibatch mean loss and the probe gradient (or None).
     probe_state : Delayed
         :class:`ParameterState` of the probe after this step.
     updates : dict
         Block index -> the Delayed update task of that block.
     """
 
-    loss: Delayed
+    sums: Delayed
     probe_state: Delayed
     updates: dict[tuple[int, int], Delayed]
 
@@ -122,7 +122,6 @@ def build_minibatch(
     minibatch starts on blocks the previous one does not touch.
     """
     n_tiles = sum(len(g.tiles) for g in groups)
-    probe = delayed(parameter_value, pure=True)(probe_state, dask_key_name=f"probe-{tag}")
     pieces = []
     touching: dict[tuple[int, int], list[int]] = {}
     for i, g in enumerate(groups):
@@ -131,7 +130,7 @@ def build_minibatch(
             touching.setdefault(block, []).append(i)
         pieces.append(
             delayed(tile_group_gradient, pure=True)(
-                g, obj, source, probe, model, scale=1.0 / n_tiles,
+                g, obj, source, probe_state, model, scale=1.0 / n_tiles,
                 want_probe_grad=want_probe_grad,
                 after=[last_update[b] for b in blocks if b in last_update],
                 dask_key_name=f"grad-{tag}-{g.index}",
@@ -140,18 +139,22 @@ def build_minibatch(
     updates = {}
     for block in sorted(touching):
         name = f"blockgrad-{tag}-{block[0]}-{block[1]}"
-        grad = block_gradient(
+        parts = block_partials(
             obj.block_box(block), obj.shape[2], [pieces[i] for i in touching[block]],
             fan_in=FAN_IN, name=name,
         )
         updates[block] = delayed(update_block, pure=True)(
-            obj, block, grad, step=step, spec=spec,
+            obj, block, *parts, step=step, spec=spec,
             dask_key_name=f"update-{tag}-{block[0]}-{block[1]}",
         )
-    loss = field_sum(pieces, "loss", fan_in=FAN_IN, name=f"loss-{tag}")
+    sums = small_sum_tree(pieces, fan_in=FAN_IN, name=f"sums-{tag}")
     if want_probe_grad:
-        pgrad = field_sum(pieces, "probe_grad", fan_in=FAN_IN, name=f"probegrad-{tag}")
-        probe_state = delayed(parameter_step, pure=True)(
-            probe_state, pgrad, probe_spec, dask_key_name=f"probestep-{tag}"
+        probe_state = delayed(probe_step, pure=True)(
+            probe_state, sums, probe_spec, dask_key_name=f"probestep-{tag}"
         )
-    return MinibatchGraph(loss=loss, probe_state=probe_state, updates=updates)
+    return MinibatchGraph(sums=sums, probe_state=probe_state, updates=updates)
+
+
+def probe_step(state: ParameterState, sums: tuple, spec: OptimizerSpec) -> ParameterState:
+    """The probe's optimizer step from a minibatch's ``(loss, probe_grad)`` sums."""
+    return parameter_step(state, sums[1], spec)

@@ -1,7 +1,11 @@
-"""Fixed-order tree sums: gradient pieces per object block, and small-parameter gradients.
+"""Fixed-order tree sums: gradient pieces per object block, and the small gradients.
 
 The order of every addition is fixed by the plan (group index), never by task completion, so a
 run gives the same bits whatever the scheduling, and a distributed run equals a sync one.
+
+Task count matters (each costs the scheduler ~1 ms, on the same cores as the workers here): a
+block touched by at most ``fan_in`` pieces gets no reduction task at all (its update task sums
+them), and the loss and probe gradient of a minibatch are summed by one task.
 """
 
 from __future__ import annotations
@@ -28,17 +32,42 @@ def _overlap(a: Box, b: Box) -> tuple[slice, slice, slice, slice] | None:
     )
 
 
-def crop_sum(block_box: Box, n_z: int, *pieces: GroupGradient) -> np.ndarray:
-    """Sum, in the given order, the parts of ``pieces`` that fall in ``block_box``.
+def crop_sum(block_box: Box, n_z: int, *items: GroupGradient | np.ndarray) -> np.ndarray:
+    """Sum, in the given order, the parts of ``items`` that fall in ``block_box``.
 
-    Returns ``[h, w, n_z, 2]`` float32.
+    ``items`` are gradient pieces (cropped to the block) or partial block sums (already
+    ``[h, w, n_z, 2]``). Returns ``[h, w, n_z, 2]`` float32.
     """
     out = np.zeros((block_box[2], block_box[3], n_z, 2), np.float32)
-    for piece in pieces:
-        ov = _overlap(block_box, piece.box)
+    for item in items:
+        if isinstance(item, np.ndarray):
+            out += item
+            continue
+        ov = _overlap(block_box, item.box)
         if ov is not None:
-            out[ov[0], ov[1]] += piece.object_grad[ov[2], ov[3]]
+            out[ov[0], ov[1]] += item.object_grad[ov[2], ov[3]]
     return out
+
+
+def block_partials(
+    block_box: Box, n_z: int, pieces: Sequence[Delayed], *, fan_in: int, name: str
+) -> list[Delayed]:
+    """At most ``fan_in`` items whose in-order sum is the block's gradient.
+
+    With ``fan_in`` pieces or fewer they are returned as they are; otherwise a fixed-shape tree
+    of :func:`crop_sum` tasks reduces them.
+    """
+    level = list(pieces)
+    depth = 0
+    while len(level) > fan_in:
+        level = [
+            delayed(crop_sum, pure=True)(
+                block_box, n_z, *level[i : i + fan_in], dask_key_name=f"{name}-l{depth}-{i}"
+            )
+            for i in range(0, len(level), fan_in)
+        ]
+        depth += 1
+    return level
 
 
 def add_in_order(*values: np.ndarray | float | None) -> np.ndarray | float | None:
@@ -50,42 +79,23 @@ def add_in_order(*values: np.ndarray | float | None) -> np.ndarray | float | Non
     return total
 
 
-def tree(leaves: Sequence[Delayed], *, fan_in: int, name: str) -> Delayed:
-    """Fixed-shape tree of :func:`add_in_order` over ``leaves``."""
-    level = list(leaves)
+def small_sums(*items: GroupGradient | tuple) -> tuple[float, np.ndarray | None]:
+    """In-order sums of the loss and the probe gradient of pieces or of partial sums."""
+    pairs = [(i.loss, i.probe_grad) if isinstance(i, GroupGradient) else i for i in items]
+    return add_in_order(*(p[0] for p in pairs)), add_in_order(*(p[1] for p in pairs))
+
+
+def small_sum_tree(pieces: Sequence[Delayed], *, fan_in: int, name: str) -> Delayed:
+    """``(loss, probe_grad)`` summed over every piece, as a fixed-shape tree."""
+    level = list(pieces)
     depth = 0
-    while len(level) > 1:
+    while True:
         level = [
-            delayed(add_in_order, pure=True)(
+            delayed(small_sums, pure=True)(
                 *level[i : i + fan_in], dask_key_name=f"{name}-l{depth}-{i}"
             )
             for i in range(0, len(level), fan_in)
         ]
         depth += 1
-    return level[0]
-
-
-def block_gradient(
-    block_box: Box, n_z: int, pieces: Sequence[Delayed], *, fan_in: int, name: str
-) -> Delayed:
-    """Tree sum of the gradient pieces that overlap one block (pieces in plan order)."""
-    leaves = [
-        delayed(crop_sum, pure=True)(
-            block_box, n_z, *pieces[i : i + fan_in], dask_key_name=f"{name}-crop-{i}"
-        )
-        for i in range(0, len(pieces), fan_in)
-    ]
-    return tree(leaves, fan_in=fan_in, name=name)
-
-
-def _field(piece: GroupGradient, field: str):
-    return getattr(piece, field)
-
-
-def field_sum(pieces: Sequence[Delayed], field: str, *, fan_in: int, name: str) -> Delayed:
-    """Tree sum of one field (``loss`` or ``probe_grad``) of every piece, in plan order."""
-    leaves = [
-        delayed(_field, pure=True)(p, field, dask_key_name=f"{name}-get-{i}")
-        for i, p in enumerate(pieces)
-    ]
-    return tree(leaves, fan_in=fan_in, name=name)
+        if len(level) == 1:
+            return level[0]

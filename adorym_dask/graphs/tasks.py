@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from adorym_dask.models.base import ForwardModel
+from adorym_dask.optimizers import ParameterState
 from adorym_dask.storage.measurements import TileSource, read_tiles
 from adorym_dask.storage.object_store import ObjectRef
 
@@ -76,7 +77,7 @@ def tile_group_gradient(
     group: TileGroup,
     obj: ObjectRef,
     source: TileSource,
-    probe: np.ndarray,
+    probe: np.ndarray | ParameterState,
     model: ForwardModel,
     *,
     scale: float,
@@ -93,8 +94,8 @@ def tile_group_gradient(
         Where the object is read from (only ``group.box``).
     source : TileSource
         Where the measured tiles are read from (only ``group.tiles``).
-    probe : ndarray
-        ``[M, py, px]`` complex64 probe modes.
+    probe : ndarray or ParameterState
+        ``[M, py, px]`` complex64 probe modes (or the probe's optimizer state holding them).
     model : ForwardModel
         The physics.
     scale : float
@@ -108,6 +109,8 @@ def tile_group_gradient(
     """
     meas = torch.from_numpy(read_tiles(source, group.angle, group.tiles))
     box = torch.from_numpy(obj.read_box(group.box)).requires_grad_(True)
+    if isinstance(probe, ParameterState):
+        probe = probe.value
     p = torch.from_numpy(np.ascontiguousarray(probe)).requires_grad_(want_probe_grad)
     origin = np.asarray(group.box[:2], dtype=np.float64)
     pred = model.predict(box, p, group.positions_px - origin)

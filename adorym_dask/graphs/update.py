@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from adorym_dask.graphs.reduction import crop_sum
+from adorym_dask.graphs.tasks import GroupGradient
 from adorym_dask.optimizers import OptimizerSpec, apply_step
 from adorym_dask.storage.object_store import OBJECT, ObjectRef
 
@@ -11,12 +13,12 @@ from adorym_dask.storage.object_store import OBJECT, ObjectRef
 def update_block(
     obj: ObjectRef,
     block: tuple[int, int],
-    grad: np.ndarray,
-    *,
+    *grad_items: GroupGradient | np.ndarray,
     step: int,
     spec: OptimizerSpec,
 ) -> tuple[int, int]:
-    """Read one block with its optimizer state, take one step, write both back in place.
+    """Sum a block's gradient, read the block and its optimizer state, take one step, and
+    write both back in place.
 
     Parameters
     ----------
@@ -24,8 +26,9 @@ def update_block(
         The object store.
     block : (int, int)
         Block index ``(by, bx)``.
-    grad : ndarray
-        ``[h, w, n_z, 2]`` summed gradient of the block.
+    *grad_items : GroupGradient or ndarray
+        Gradient pieces overlapping the block, or partial sums ``[h, w, n_z, 2]``, in plan
+        order (see :func:`~adorym_dask.graphs.reduction.crop_sum`).
     step : int
         Global optimizer step (from 1) for bias correction.
     spec : OptimizerSpec
@@ -36,6 +39,7 @@ def update_block(
     (int, int)
         The block index (so the driver can wait on it).
     """
+    grad = crop_sum(obj.block_box(block), obj.shape[2], *grad_items)
     arrays = obj.read_block(block)
     state = {name: arrays[name] for name in obj.state_names}
     x, state = apply_step(arrays[OBJECT], grad, state, step, spec)
