@@ -14,7 +14,7 @@ from adorym_dask.engine import Reconstruction, run
 from adorym_dask.graphs.minibatch import epoch_minibatches
 from adorym_dask.graphs.reduction import add_in_order, crop_sum
 from adorym_dask.graphs.tasks import tile_group_gradient
-from adorym_dask.metrics import illumination_mask, phase_ssim
+from adorym_dask.metrics import aligned_phase_correlation, illumination_mask, phase_ssim
 from adorym_dask.optimizers import OptimizerSpec, adam_step
 from adorym_dask.simulate import simulate_ptychography
 
@@ -131,6 +131,38 @@ def test_small_reconstruction_reaches_ssim(tmp_path):
     result = run(_cfg(sim, tmp_path / "r.zarr", epochs=15, probe={"refine": False}))
     assert result.loss[-1] < 0.05 * result.loss[0]
     assert _phase_ssim(result, sim) >= 0.90
+
+
+def test_defaults_converge_from_data_probe(tmp_path):
+    """A user who sets only data, model, probe (from the data), epochs and output gets a good
+    reconstruction: the probe found from the data may shift the object (translation
+    ambiguity), so the phase is compared after alignment."""
+    sim = _sim(tmp_path, shape=(128, 128), det=(64, 64), n=120, seed=2)
+    cfg = config_from_dict({
+        "data": {"path": str(sim.path)},
+        "model": {"kind": "ptychography", "probe_modes": 1, "slices": 1},
+        "probe": {"init": "from_data"},
+        "epochs": 30,
+        "output": str(tmp_path / "r.zarr"),
+        "cluster": {"scheduler": "sync"},
+        "progress": False,
+    })
+    result = run(cfg)
+    obj = result.object()
+    recon = obj[:, :, 0, 0] + 1j * obj[:, :, 0, 1]
+    # Compare in the object's frame: object pixel = data pixel + position offset.
+    off = result.position_offset_px.astype(int)
+    truth = np.ones_like(recon)
+    src, dst = [], []
+    for axis in range(2):
+        lo = max(0, -off[axis])
+        hi = min(sim.object.shape[axis], recon.shape[axis] - off[axis])
+        src.append(slice(lo, hi))
+        dst.append(slice(lo + off[axis], hi + off[axis]))
+    truth[tuple(dst)] = sim.object[tuple(src) + (0,)]
+    mask = illumination_mask(sim.probe, sim.positions_px + off, truth.shape)
+    corr = aligned_phase_correlation(recon, truth, mask=mask)
+    assert corr >= 0.9, corr
 
 
 @pytest.mark.slow
