@@ -109,16 +109,22 @@ class Representation(str, enum.Enum):
 
 
 class StoreKind(str, enum.Enum):
-    zarr = "zarr"
+    zarr = "zarr"  # double-buffered blocks in the run's zarr store (default; out of core)
+    hdf5 = "hdf5"  # the paper's H5 mode: blocks in one HDF5 file, one writer at a time
+    memory = "memory"  # the paper's DO mode: blocks in the workers' memory
 
 
 class ObjectConfig(_Strict):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+
     representation: Representation = Representation.real_imag
     shape_px: tuple[int, int] | None = Field(
         None, description="(n_y, n_x); derived from positions and detector when absent"
     )
     margin_px: int = Field(0, ge=0, description="extra pixels on every side when derived")
-    chunks_px: tuple[int, int] = Field((128, 128), description="block size along (y, x)")
+    chunks_px: tuple[int, int] = Field(
+        (128, 128), alias="chunks", description="block size along (y, x); key 'chunks' works too"
+    )
     store: StoreKind = StoreKind.zarr
     slice_thickness_m: float | None = Field(
         None, gt=0, description="delta_beta thickness per slice; default slice spacing or pixel size"
@@ -177,6 +183,10 @@ class RunConfig(_Strict):
     tile_group_size: int = Field(8, ge=1, description="tiles per gradient task")
     seed: int = 0
     output: Path = Path("run.zarr")
+    publish_every_epochs: int = Field(
+        1, ge=0, description="copy the object into output's 'object' array every N epochs "
+        "(0: only at the end); commits for --resume happen every minibatch regardless",
+    )
     overwrite: bool = False
     cluster: ClusterConfig = ClusterConfig()
     progress: bool = True

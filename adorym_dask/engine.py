@@ -1,12 +1,21 @@
 """The reconstruction loop: epochs of minibatches, each a Dask graph (see ``graphs/``).
 
-The driver holds only small things (probe, loss, plan); the object and its optimizer state
-live in the run store and are read and written by the tasks. The same loop runs on a cluster
-and under the synchronous scheduler: only the ``scheduler`` handed to ``dask.compute`` differs.
+The driver holds only small things (probe, loss, plan, where each block's state is); the object
+and its optimizer state live in the object store and are read and written by the tasks. The
+same loop runs on a cluster and under the synchronous scheduler: only the ``scheduler`` handed
+to Dask differs.
+
+Each minibatch ends with a commit: once every update of the minibatch has finished, the driver
+records where each block's new state is and (disk stores) writes a checkpoint. A run killed at
+any moment resumes from its last commit (``--resume``) and ends with the same result as an
+uninterrupted one. A lost worker costs nothing: Dask reruns its tasks, whose inputs were never
+overwritten (see :mod:`adorym_dask.storage.object_store`); the memory store, whose blocks die
+with their worker, goes back to its last checkpoint and replays.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -14,26 +23,46 @@ from pathlib import Path
 
 import dask
 import numpy as np
+import zarr
 from dask.delayed import delayed
-from distributed import Client
+from distributed import Client, wait
+from distributed.client import futures_of
 from tqdm.auto import tqdm
 
 from adorym_dask.cluster import dask_client
-from adorym_dask.config import RunConfig
+from adorym_dask.config import RunConfig, config_from_dict
 from adorym_dask.graphs.minibatch import build_minibatch, epoch_minibatches, plan_tile_groups
 from adorym_dask.optimizers import OptimizerSpec, ParameterState
 from adorym_dask.parameters import initial_probe
 from adorym_dask.registry import model_builder
 from adorym_dask.storage import results
+from adorym_dask.storage.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    config_differences,
+    load_checkpoint,
+    save_checkpoint,
+)
 from adorym_dask.storage.measurements import (
     MeasurementError,
     Measurements,
     check_positions_inside,
     open_measurements,
 )
-from adorym_dask.storage.object_store import ObjectRef, create_object_store
+from adorym_dask.storage.object_store import (
+    OBJECT,
+    BlockRef,
+    ObjectStore,
+    checkpoint_block,
+    create_store,
+    init_block,
+    zarr_array,
+)
 
+log = logging.getLogger(__name__)
 FORMATS = {"auto": None, "native": None, "cxi": "cxi", "adorym": "adorym_h5"}
+DEFAULT_PHASE_STEP_RAD = 0.03  # measured: converges fastest among 0.01/0.03/0.1 on simulations
+MAX_RECOVERIES = 3
 
 
 @dataclass
@@ -43,7 +72,6 @@ class RunResult:
     output: Path
     loss: list[float]
     probe: np.ndarray
-    object_ref: ObjectRef
     position_offset_px: np.ndarray = field(default_factory=lambda: np.zeros(2))
 
     def open(self):
@@ -54,7 +82,7 @@ class RunResult:
 
     def object(self) -> np.ndarray:
         """The object ``[n_y, n_x, n_z, 2]`` (loads it whole)."""
-        return self.object_ref.read_all()
+        return np.asarray(zarr.open_array(store=str(self.output), path=OBJECT, mode="r")[...])
 
 
 def load_measurements(cfg: RunConfig) -> Measurements:
@@ -88,9 +116,6 @@ def object_layout(cfg: RunConfig, meas: Measurements) -> tuple[np.ndarray, tuple
     return pos, shape, offset
 
 
-DEFAULT_PHASE_STEP_RAD = 0.03  # measured: converges fastest among 0.01/0.03/0.1 on simulations
-
-
 def object_step_size(cfg: RunConfig, model) -> float:
     """The object's step size: the configured one, or 0.03 rad of phase per step.
 
@@ -106,131 +131,14 @@ def object_step_size(cfg: RunConfig, model) -> float:
     return DEFAULT_PHASE_STEP_RAD / (k * model.slice_thickness_m)
 
 
-def _optimizer_spec(cfg: RunConfig, model) -> OptimizerSpec:
-    o = cfg.optimizer
-    return OptimizerSpec(o.name.value, object_step_size(cfg, model), o.beta1, o.beta2, o.eps)
+def _recoverable() -> tuple[type[BaseException], ...]:
+    """Errors meaning the cluster lost work (a worker died), not that the run is wrong."""
+    from concurrent.futures import CancelledError
 
+    from distributed.client import FutureCancelledError
+    from distributed.scheduler import KilledWorker
 
-class Reconstruction:
-    """State of one run on the driver: the plan, the probe and its optimizer, the history.
-
-    Parameters
-    ----------
-    cfg : RunConfig
-        The validated configuration.
-    """
-
-    def __init__(self, cfg: RunConfig) -> None:
-        self.cfg = cfg
-        self.meas = load_measurements(cfg)
-        self.positions, shape, self.offset = object_layout(cfg, self.meas)
-        self.model = model_builder(cfg.model.kind)(cfg, self.meas)
-        probe = initial_probe(cfg.probe, self.meas, n_modes=cfg.model.probe_modes, seed=cfg.seed)
-        self.spec = _optimizer_spec(cfg, self.model)
-        self.probe_spec = OptimizerSpec(
-            "adam", cfg.probe.step_size * float(np.abs(probe).max())
-        )
-        self.probe_state = ParameterState.start(probe, self.probe_spec)
-        group_size = min(cfg.tile_group_size, cfg.minibatch_size)
-        self.groups = plan_tile_groups(self.positions, self.meas.det_shape, group_size)
-        results.check_output(Path(cfg.output), overwrite=cfg.overwrite)
-        self.obj = create_object_store(
-            str(cfg.output),
-            shape=(*shape, cfg.model.slices),
-            chunks=cfg.object.chunks_px,
-            representation=cfg.object.representation.value,
-            state_names=self.spec.state_names,
-            overwrite=cfg.overwrite,
-        )
-        self._write_metadata()
-        self.loss: list[float] = []
-        self.step = 0
-
-    def _write_metadata(self) -> None:
-        path = str(self.cfg.output)
-        spacing = self.cfg.model.slice_spacing_m or self.meas.pixel_size_m
-        results.write_coordinates(
-            path, shape=self.obj.shape[:3], pixel_size_m=self.meas.pixel_size_m,
-            slice_spacing_m=spacing,
-        )
-        results.write_attrs(path, {
-            "config": self.cfg.model_dump(mode="json"),
-            "versions": results.versions(),
-            "representation": self.cfg.object.representation.value,
-            "energy_ev": self.meas.energy_ev,
-            "pixel_size_m": self.meas.pixel_size_m,
-            "position_offset_px": self.offset.tolist(),
-            "data_path": str(self.meas.source.path),
-        })
-        results.write_progress(path, probe=self.probe, loss=[])
-
-    def refine_probe(self, epoch: int) -> bool:
-        return self.cfg.probe.refine and epoch >= self.cfg.probe.refine_start_epoch
-
-    @property
-    def probe(self) -> np.ndarray:
-        """Current probe ``[M, py, px]`` complex64."""
-        return self.probe_state.value
-
-    def run_epoch(self, epoch: int, scheduler) -> float:
-        """One pass over every tile; returns the tile-weighted mean loss.
-
-        Every minibatch's graph is handed to the scheduler as soon as it is built (persisted,
-        not waited for): each one depends only on the block updates and probe step it needs
-        from the one before. The driver waits once, at the end of the epoch.
-        """
-        rng = np.random.default_rng([self.cfg.seed, epoch])
-        batches = epoch_minibatches(self.groups, self.cfg.minibatch_size, rng)
-        want_probe = self.refine_probe(epoch)
-        model = delayed(self.model, name=f"model-e{epoch}", traverse=False)
-        probe_state = delayed(self.probe_state, name=f"probestate-e{epoch}", traverse=False)
-        last_update: dict = {}
-        losses, weights = [], []
-        for b, groups in enumerate(batches):
-            self.step += 1
-            graph = build_minibatch(
-                groups,
-                obj=self.obj,
-                source=self.meas.source,
-                probe_state=probe_state,
-                model=model,
-                spec=self.spec,
-                probe_spec=self.probe_spec,
-                step=self.step,
-                want_probe_grad=want_probe,
-                last_update=last_update,
-                tag=f"e{epoch}-b{b}",
-            )
-            sums, probe_state, *updates = _persist(
-                scheduler, graph.sums, graph.probe_state, *graph.updates.values()
-            )
-            last_update.update(zip(graph.updates, updates))
-            losses.append(sums)
-            weights.append(sum(len(g.tiles) for g in groups))
-        sums, self.probe_state, _ = dask.compute(
-            losses, probe_state, list(last_update.values()), scheduler=scheduler
-        )
-        return float(np.dot([s[0] for s in sums], weights) / np.sum(weights))
-
-    def run(self, client: Client | None = None, *, callback: Callable | None = None) -> RunResult:
-        """Run every epoch; ``callback(epoch, loss, reconstruction)`` after each."""
-        path = str(self.cfg.output)
-        with dask_client(self.cfg.cluster, client) as c:
-            scheduler = c if c is not None else "sync"
-            bar = tqdm(range(self.cfg.epochs), desc="epochs", disable=not self.cfg.progress)
-            for epoch in bar:
-                loss = self.run_epoch(epoch, scheduler)
-                if not math.isfinite(loss):
-                    raise FloatingPointError(
-                        f"loss became {loss} in epoch {epoch}; lower optimizer.step_size"
-                    )
-                self.loss.append(loss)
-                results.write_progress(path, probe=self.probe, loss=self.loss)
-                bar.set_postfix(loss=f"{loss:.4g}")
-                if callback is not None:
-                    callback(epoch, loss, self)
-        results.finalize(path)
-        return RunResult(Path(path), self.loss, self.probe, self.obj, self.offset)
+    return (KilledWorker, FutureCancelledError, CancelledError)
 
 
 def _persist(scheduler, *collections):
@@ -240,9 +148,282 @@ def _persist(scheduler, *collections):
     return dask.persist(*collections, scheduler=scheduler)
 
 
-def run(cfg: RunConfig, client: Client | None = None, **kwargs) -> RunResult:
-    """Build a :class:`Reconstruction` from ``cfg`` and run it."""
-    return Reconstruction(cfg).run(client, **kwargs)
+class Reconstruction:
+    """State of one run on the driver: the plan, the probe, where each block is, the history.
+
+    Parameters
+    ----------
+    cfg : RunConfig
+        The validated configuration.
+    resume : bool
+        Continue the run stored at ``cfg.output`` from its last commit.
+    allow_config_change : bool
+        Resume even if science settings differ from the stored run's.
+    """
+
+    def __init__(
+        self, cfg: RunConfig, *, resume: bool = False, allow_config_change: bool = False
+    ) -> None:
+        self.cfg = cfg
+        self.meas = load_measurements(cfg)
+        self.positions, shape, self.offset = object_layout(cfg, self.meas)
+        self.model = model_builder(cfg.model.kind)(cfg, self.meas)
+        o = cfg.optimizer
+        self.spec = OptimizerSpec(
+            o.name.value, object_step_size(cfg, self.model), o.beta1, o.beta2, o.eps
+        )
+        group_size = min(cfg.tile_group_size, cfg.minibatch_size)
+        self.groups = plan_tile_groups(self.positions, self.meas.det_shape, group_size)
+        self.path = str(cfg.output)
+        self.obj_shape = (*shape, cfg.model.slices)
+        self.sources: dict | None = None
+        self.n_checkpoints = 0
+        if resume:
+            self._open_existing(allow_config_change)
+        else:
+            self._create_new()
+
+    # -- set-up -----------------------------------------------------------------------------------
+    def _probe_spec(self, probe: np.ndarray) -> OptimizerSpec:
+        return OptimizerSpec("adam", self.cfg.probe.step_size * float(np.abs(probe).max()))
+
+    def _create_new(self) -> None:
+        cfg = self.cfg
+        probe = initial_probe(cfg.probe, self.meas, n_modes=cfg.model.probe_modes, seed=cfg.seed)
+        self.probe_spec = self._probe_spec(probe)
+        self.probe_state = ParameterState.start(probe, self.probe_spec)
+        results.check_output(Path(self.path), overwrite=cfg.overwrite)
+        zarr.open_group(store=self.path, mode="w" if cfg.overwrite else "w-")
+        self.store = self._make_store(create=True)
+        self.epoch, self.batch, self.step = 0, 0, 0
+        self.loss: list[float] = []
+        self.epoch_loss = (0.0, 0)
+        self._write_metadata()
+
+    def _make_store(self, *, create: bool) -> ObjectStore:
+        kw = dict(
+            shape=self.obj_shape, chunks=self.cfg.object.chunks_px,
+            representation=self.cfg.object.representation.value,
+            n_state=len(self.spec.state_names),
+        )
+        if create:
+            return create_store(self.cfg.object.store.value, self.path, **kw)
+        from adorym_dask.storage.object_store import Geometry, initial_value
+
+        chunks = (min(kw["chunks"][0], self.obj_shape[0]), min(kw["chunks"][1], self.obj_shape[1]))
+        geometry = Geometry((*self.obj_shape, 2), chunks, kw["n_state"])
+        return ObjectStore(
+            self.cfg.object.store.value, self.path, geometry, initial_value(kw["representation"])
+        )
+
+    def _open_existing(self, allow_config_change: bool) -> None:
+        ck = load_checkpoint(self.path)
+        diffs = config_differences(ck.config, self.cfg.model_dump(mode="json"))
+        if diffs and not allow_config_change:
+            raise CheckpointError(
+                f"the config differs from the one {self.path} was run with: "
+                + "; ".join(diffs)
+                + ". Restore those values, or resume anyway with --allow-config-change"
+            )
+        results.check_writable(Path(self.path))
+        self.store = self._make_store(create=False)
+        stored = zarr.open_array(store=self.path, path=OBJECT, mode="r").shape
+        if tuple(stored) != self.store.shape:
+            raise CheckpointError(
+                f"{self.path} holds an object of shape {stored}, but this config gives "
+                f"{self.store.shape}; resume with the config of the original run"
+            )
+        self._restore(ck)
+
+    def _restore(self, ck: Checkpoint) -> None:
+        self.epoch, self.batch, self.step = ck.epoch, ck.batch, ck.step
+        self.loss, self.epoch_loss = list(ck.loss), tuple(ck.epoch_loss)
+        self.probe_spec = OptimizerSpec("adam", ck.probe_step_size)
+        self.probe_state = ParameterState(ck.probe, ck.probe_state, ck.probe_step)
+        self.sources = (
+            None if (ck.slots < 0).any()
+            else {b: BlockRef(int(ck.slots[b])) for b in self.store.all_blocks()}
+        )
+
+    def _write_metadata(self) -> None:
+        spacing = self.cfg.model.slice_spacing_m or self.meas.pixel_size_m
+        results.write_coordinates(
+            self.path, shape=self.obj_shape, pixel_size_m=self.meas.pixel_size_m,
+            slice_spacing_m=spacing,
+        )
+        results.write_attrs(self.path, {
+            "config": self.cfg.model_dump(mode="json"),
+            "versions": results.versions(),
+            "representation": self.cfg.object.representation.value,
+            "store": self.cfg.object.store.value,
+            "energy_ev": self.meas.energy_ev,
+            "pixel_size_m": self.meas.pixel_size_m,
+            "position_offset_px": self.offset.tolist(),
+            "data_path": str(self.meas.source.path),
+        })
+        results.write_progress(self.path, probe=self.probe, loss=[])
+
+    # -- commits ----------------------------------------------------------------------------------
+    @property
+    def probe(self) -> np.ndarray:
+        """Current probe ``[M, py, px]`` complex64."""
+        return self.probe_state.value
+
+    def _slots(self) -> np.ndarray:
+        slots = np.full(self.store.geometry.n_blocks, -1, np.int8)
+        if self.sources is not None and self.store.on_disk:
+            for block, src in self.sources.items():
+                slots[block] = src.slot
+        return slots
+
+    def commit(self, slots: np.ndarray | None = None) -> None:
+        """Write the checkpoint naming the current (finished) state of every block."""
+        save_checkpoint(self.path, Checkpoint(
+            config=self.cfg.model_dump(mode="json"), epoch=self.epoch, batch=self.batch,
+            step=self.step, loss=self.loss, epoch_loss=self.epoch_loss, probe=self.probe,
+            probe_state=self.probe_state.state, probe_step=self.probe_state.step,
+            slots=self._slots() if slots is None else slots,
+            probe_step_size=self.probe_spec.step_size,
+        ))
+
+    def _checkpoint_memory_blocks(self, scheduler) -> None:
+        """Memory store: write every block to the zarr slots not used by the last checkpoint."""
+        slot = self.n_checkpoints % 2
+        tasks = [
+            delayed(checkpoint_block, pure=False)(self.store, b, src, slot)
+            for b, src in self.sources.items()
+        ]
+        dask.compute(*tasks, scheduler=scheduler)
+        self.n_checkpoints += 1
+        self.commit(np.full(self.store.geometry.n_blocks, slot, np.int8))
+
+    # -- running ----------------------------------------------------------------------------------
+    def refine_probe(self, epoch: int) -> bool:
+        return self.cfg.probe.refine and epoch >= self.cfg.probe.refine_start_epoch
+
+    def _initialize_blocks(self, scheduler) -> None:
+        tasks = {b: delayed(init_block, pure=True)(self.store, b, dask_key_name=f"init-{b[0]}-{b[1]}")
+                 for b in self.store.all_blocks()}
+        self.sources = self._settle(scheduler, dict(zip(tasks, _persist(scheduler, *tasks.values()))))
+        if self.store.on_disk:
+            self.commit()
+
+    def _settle(self, scheduler, sources: dict) -> dict:
+        """Wait for block sources: disk sources come back as values, memory ones stay futures."""
+        if self.store.on_disk:
+            return dict(zip(sources, dask.compute(*sources.values(), scheduler=scheduler)))
+        if isinstance(scheduler, Client):
+            wait(futures_of(list(sources.values())))
+        return sources
+
+    def run_minibatch(self, groups, epoch: int, b: int, scheduler) -> None:
+        """Build, run and commit one optimizer step."""
+        tag = f"e{epoch}-b{b}"
+        graph = build_minibatch(
+            groups,
+            obj=self.store,
+            sources=self.sources,
+            source=self.meas.source,
+            probe_state=delayed(self.probe_state, name=f"probestate-{tag}", traverse=False),
+            model=self._model_delayed,
+            spec=self.spec,
+            probe_spec=self.probe_spec,
+            step=self.step + 1,
+            want_probe_grad=self.refine_probe(epoch),
+            tag=tag,
+        )
+        sums, probe_state, *updates = _persist(
+            scheduler, graph.sums, graph.probe_state, *graph.updates.values()
+        )
+        (loss, _), probe_state = dask.compute(sums, probe_state, scheduler=scheduler)
+        new = self._settle(scheduler, dict(zip(graph.updates, updates)))
+        n = sum(len(g.tiles) for g in groups)
+        self.sources = {**self.sources, **new}
+        self.probe_state = probe_state
+        self.step += 1
+        self.batch = b + 1
+        self.epoch_loss = (self.epoch_loss[0] + loss * n, self.epoch_loss[1] + n)
+        if self.store.on_disk:
+            self.commit()
+
+    def _end_epoch(self, scheduler) -> float:
+        loss = self.epoch_loss[0] / max(self.epoch_loss[1], 1)
+        if not math.isfinite(loss):
+            raise FloatingPointError(
+                f"loss became {loss} in epoch {self.epoch}; lower optimizer.step_size"
+            )
+        self.loss.append(loss)
+        self.epoch += 1
+        self.batch, self.epoch_loss = 0, (0.0, 0)
+        every = self.cfg.publish_every_epochs
+        if every and self.epoch % every == 0:
+            self.publish(scheduler)
+        if self.store.on_disk:
+            self.commit()
+        else:
+            self._checkpoint_memory_blocks(scheduler)
+        return loss
+
+    def publish(self, scheduler) -> None:
+        """Copy every block's committed object into the run store's ``object`` array, and the
+        probe and loss history beside it."""
+        tasks = [delayed(self.store.publish, pure=False)(b, src) for b, src in self.sources.items()]
+        dask.compute(*tasks, scheduler=scheduler)
+        results.write_progress(self.path, probe=self.probe, loss=self.loss)
+
+    def _recover(self, err: BaseException, attempt: int) -> None:
+        if attempt > MAX_RECOVERIES:
+            raise err
+        log.warning("lost work on the cluster (%s); continuing from the last commit", err)
+        self._restore(load_checkpoint(self.path))
+
+    def run(self, client: Client | None = None, *, callback: Callable | None = None) -> RunResult:
+        """Run (or continue) every epoch; ``callback(epoch, loss, reconstruction)`` after each."""
+        with dask_client(self.cfg.cluster, client) as c:
+            scheduler = c if c is not None else "sync"
+            bar = tqdm(total=self.cfg.epochs, initial=self.epoch, desc="epochs",
+                       disable=not self.cfg.progress)
+            attempt = 0
+            while self.epoch < self.cfg.epochs:
+                try:
+                    self._run_epoch(scheduler, bar, callback)
+                except _recoverable() as err:
+                    attempt += 1
+                    self._recover(err, attempt)
+            bar.close()
+            if self.sources is None:
+                self._initialize_blocks(scheduler)
+            self.publish(scheduler)
+        results.finalize(self.path)
+        return RunResult(Path(self.path), self.loss, self.probe, self.offset)
+
+    def _run_epoch(self, scheduler, bar, callback) -> None:
+        if self.sources is None:
+            self._initialize_blocks(scheduler)
+        epoch = self.epoch
+        self._model_delayed = delayed(self.model, name=f"model-e{epoch}", traverse=False)
+        rng = np.random.default_rng([self.cfg.seed, epoch])
+        batches = epoch_minibatches(self.groups, self.cfg.minibatch_size, rng)
+        for b in range(self.batch, len(batches)):
+            self.run_minibatch(batches[b], epoch, b, scheduler)
+        loss = self._end_epoch(scheduler)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4g}")
+        if callback is not None:
+            callback(epoch, loss, self)
 
 
-__all__ = ["Reconstruction", "RunResult", "run", "MeasurementError"]
+def run(
+    cfg: RunConfig,
+    client: Client | None = None,
+    *,
+    resume: bool = False,
+    allow_config_change: bool = False,
+    **kwargs,
+) -> RunResult:
+    """Build a :class:`Reconstruction` from ``cfg`` (or continue the stored one) and run it."""
+    rec = Reconstruction(cfg, resume=resume, allow_config_change=allow_config_change)
+    return rec.run(client, **kwargs)
+
+
+__all__ = ["Reconstruction", "RunResult", "run", "MeasurementError", "config_from_dict"]

@@ -19,7 +19,7 @@ from adorym_dask.graphs.reduction import block_partials, small_sum_tree
 from adorym_dask.graphs.tasks import TileGroup, group_box, tile_group_gradient
 from adorym_dask.graphs.update import update_block
 from adorym_dask.optimizers import OptimizerSpec, ParameterState, parameter_step
-from adorym_dask.storage.object_store import ObjectRef
+from adorym_dask.storage.object_store import ObjectStore
 
 FAN_IN = 8
 
@@ -92,7 +92,7 @@ class MinibatchGraph:
     probe_state : Delayed
         :class:`ParameterState` of the probe after this step.
     updates : dict
-        Block index -> the Delayed update task of that block.
+        Block index -> the Delayed update task of that block (its new source).
     """
 
     sums: Delayed
@@ -103,23 +103,21 @@ class MinibatchGraph:
 def build_minibatch(
     groups: Sequence[TileGroup],
     *,
-    obj: ObjectRef,
+    obj: ObjectStore,
+    sources: dict,
     source,
-    probe_state: Delayed,
+    probe_state,
     model: Delayed,
     spec: OptimizerSpec,
     probe_spec: OptimizerSpec,
     step: int,
     want_probe_grad: bool,
-    last_update: dict[tuple[int, int], Delayed],
     tag: str,
 ) -> MinibatchGraph:
     """Build the graph of one optimizer step (see module docstring).
 
-    ``probe_state`` and ``last_update`` may be results of the previous minibatch that are still
-    running: each gradient task depends on the last update of every block it reads, and on the
-    probe of the previous step, so the driver can queue minibatches without waiting, and a
-    minibatch starts on blocks the previous one does not touch.
+    ``sources`` maps every block to where its current state is (a value, or a Delayed/future
+    for the memory store); each task gets the sources of the blocks it reads or updates.
     """
     n_tiles = sum(len(g.tiles) for g in groups)
     pieces = []
@@ -130,9 +128,8 @@ def build_minibatch(
             touching.setdefault(block, []).append(i)
         pieces.append(
             delayed(tile_group_gradient, pure=True)(
-                g, obj, source, probe_state, model, scale=1.0 / n_tiles,
-                want_probe_grad=want_probe_grad,
-                after=[last_update[b] for b in blocks if b in last_update],
+                g, obj, {b: sources[b] for b in blocks}, source, probe_state, model,
+                scale=1.0 / n_tiles, want_probe_grad=want_probe_grad,
                 dask_key_name=f"grad-{tag}-{g.index}",
             )
         )
@@ -144,7 +141,7 @@ def build_minibatch(
             fan_in=FAN_IN, name=name,
         )
         updates[block] = delayed(update_block, pure=True)(
-            obj, block, *parts, step=step, spec=spec,
+            obj, block, sources[block], *parts, step=step, spec=spec,
             dask_key_name=f"update-{tag}-{block[0]}-{block[1]}",
         )
     sums = small_sum_tree(pieces, fan_in=FAN_IN, name=f"sums-{tag}")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -11,7 +10,7 @@ import torch
 from adorym_dask.models.base import ForwardModel
 from adorym_dask.optimizers import ParameterState
 from adorym_dask.storage.measurements import TileSource, read_tiles
-from adorym_dask.storage.object_store import ObjectRef
+from adorym_dask.storage.object_store import ObjectStore
 
 Box = tuple[int, int, int, int]  # (y0, x0, h, w) in object pixels
 
@@ -75,14 +74,14 @@ class GroupGradient:
 
 def tile_group_gradient(
     group: TileGroup,
-    obj: ObjectRef,
+    obj: ObjectStore,
+    blocks: dict,
     source: TileSource,
     probe: np.ndarray | ParameterState,
     model: ForwardModel,
     *,
     scale: float,
     want_probe_grad: bool,
-    after: Sequence = (),
 ) -> GroupGradient:
     """Forward model, loss and backward pass for one tile group (all tiles and modes batched).
 
@@ -90,8 +89,11 @@ def tile_group_gradient(
     ----------
     group : TileGroup
         The tiles and the object box they see.
-    obj : ObjectRef
-        Where the object is read from (only ``group.box``).
+    obj : ObjectStore
+        The object store.
+    blocks : dict
+        ``{block: source}`` for every block that ``group.box`` overlaps (see
+        :mod:`adorym_dask.storage.object_store`); only ``group.box`` is read.
     source : TileSource
         Where the measured tiles are read from (only ``group.tiles``).
     probe : ndarray or ParameterState
@@ -103,12 +105,9 @@ def tile_group_gradient(
         the minibatch mean.
     want_probe_grad : bool
         Also differentiate with respect to the probe.
-    after : sequence
-        Ignored values: the update tasks of the blocks this group reads, passed only so that
-        Dask runs this task after them (read after write across minibatches).
     """
     meas = torch.from_numpy(read_tiles(source, group.angle, group.tiles))
-    box = torch.from_numpy(obj.read_box(group.box)).requires_grad_(True)
+    box = torch.from_numpy(obj.read_box(group.box, blocks)).requires_grad_(True)
     if isinstance(probe, ParameterState):
         probe = probe.value
     p = torch.from_numpy(np.ascontiguousarray(probe)).requires_grad_(want_probe_grad)

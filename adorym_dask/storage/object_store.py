@@ -1,14 +1,31 @@
-"""The object volume and its optimizer state in a chunked zarr v3 store.
+"""The object volume and its optimizer state: three stores behind one interface.
 
-Layout inside the run store (a zarr group)::
+A *block* is one chunk of the object, chunked along y and x and full along z. A block's
+*state* is one float32 array ``[h, w, n_z, 2, 1 + n_state]``: the object's two channels and,
+beside them, the optimizer's arrays (e.g. Adam's m and v), so an update is one read and one
+write.
 
-    object             float32 [n_y, n_x, n_z, 2]  dims (y, x, z, channel), chunks (cy, cx, n_z, 2)
-    optimizer/<name>   float32, same shape and chunks (e.g. Adam's m and v)
+Every store hands out *sources*: a value that says where the current state of a block is.
+Tasks take the sources of the blocks they need as arguments, which also orders them after the
+update that produced them. An update never overwrites its input:
 
-A *block* is one chunk: chunked along y and x, full along z and channel. Each minibatch has
-exactly one update task per touched block, so no two tasks ever write the same chunk and zarr
-needs no lock. Workers open the arrays themselves from the path (:class:`ObjectRef` is a small
-picklable pointer) and read only the boxes their tiles see.
+- ``zarr`` (default) and ``hdf5`` keep two *slots* per block (double buffering). The source is
+  a :class:`BlockRef` naming the slot; an update reads slot ``s`` and writes slot ``1 - s``. A
+  rerun of an update (Dask reruns a task whose worker died after writing but before
+  reporting) reads the same input and writes the same bytes: idempotent. The driver commits the
+  per-block slot map only after every update of a minibatch has finished, so a committed map
+  always names complete, mutually consistent blocks, whatever was killed when.
+- ``memory`` keeps each block's state in the workers' memory (the paper's distributed-object
+  mode); the source is the array itself (a future on a cluster). Updates return new arrays.
+
+zarr: each slot of a block is one zarr chunk (no sharding: with sharding the shard, not the
+chunk, would be the unit of exclusive writing), and zarr's local store writes each chunk to a
+temporary file and renames it, so a killed writer never leaves a torn chunk.
+
+hdf5: h5py from PyPI has no parallel HDF5, and two processes writing one file corrupt it
+silently. Every read and write therefore opens the file, works and closes it while holding one
+named lock: a ``distributed.Lock`` on a cluster (one writer at a time across all workers), a
+process lock otherwise.
 """
 
 from __future__ import annotations
@@ -17,52 +34,55 @@ import functools
 import itertools
 import math
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import zarr
 
 OBJECT = "object"
-STATE_GROUP = "optimizer"
-_open_lock = threading.Lock()
+STATE = "state"  # HDF5 dataset name
+STATE_ZARR = "state/blocks"  # in a subgroup, so xarray.open_zarr of the run shows only results
+HDF5_FILE = "_state.h5"
+_local_lock = threading.Lock()
 
 
-@functools.lru_cache(maxsize=64)
-def _open(path: str, name: str) -> zarr.Array:
-    return zarr.open_array(store=path, path=name, mode="r+")
-
-
-def open_array(path: str, name: str) -> zarr.Array:
-    """Open (and cache per process) one array of a run store."""
-    with _open_lock:
-        return _open(path, name)
+class StoreError(OSError):
+    """The object store cannot be read or written (corrupt, missing, disk full, ...)."""
 
 
 @dataclass(frozen=True)
-class ObjectRef:
-    """Picklable pointer to an object store, shipped to every task.
+class BlockRef:
+    """The slot that holds a block's current state in a disk store."""
+
+    slot: int
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Object shape and blocking.
 
     Attributes
     ----------
-    path : str
-        The zarr group (local folder or URL).
     shape : (int, int, int, int)
         ``[n_y, n_x, n_z, 2]``.
     chunks : (int, int)
         Block size along (y, x).
-    state_names : tuple of str
-        Optimizer state arrays stored beside the object.
+    n_state : int
+        Optimizer arrays stored beside the object in each block.
     """
 
-    path: str
     shape: tuple[int, int, int, int]
     chunks: tuple[int, int]
-    state_names: tuple[str, ...] = ()
+    n_state: int = 0
 
     @property
     def n_blocks(self) -> tuple[int, int]:
         return (math.ceil(self.shape[0] / self.chunks[0]), math.ceil(self.shape[1] / self.chunks[1]))
+
+    @property
+    def state_shape(self) -> tuple[int, ...]:
+        return (*self.shape, 1 + self.n_state)
 
     def block_box(self, block: tuple[int, int]) -> tuple[int, int, int, int]:
         """``(y0, x0, h, w)`` of block ``(by, bx)``."""
@@ -79,28 +99,12 @@ class ObjectRef:
     def all_blocks(self) -> list[tuple[int, int]]:
         return list(itertools.product(range(self.n_blocks[0]), range(self.n_blocks[1])))
 
-    def _array(self, name: str) -> zarr.Array:
-        return open_array(self.path, name if name == OBJECT else f"{STATE_GROUP}/{name}")
-
-    def read_box(self, box: tuple[int, int, int, int], name: str = OBJECT) -> np.ndarray:
-        """Read ``[h, w, n_z, 2]`` float32 from one array."""
-        y0, x0, h, w = box
-        return np.asarray(self._array(name)[y0 : y0 + h, x0 : x0 + w])
-
-    def read_block(self, block: tuple[int, int]) -> dict[str, np.ndarray]:
-        """The object and every state array of one block."""
-        box = self.block_box(block)
-        return {name: self.read_box(box, name) for name in (OBJECT, *self.state_names)}
-
-    def write_block(self, block: tuple[int, int], arrays: dict[str, np.ndarray]) -> None:
-        """Overwrite one whole block of the named arrays (one chunk each)."""
-        y0, x0, h, w = self.block_box(block)
-        for name, value in arrays.items():
-            self._array(name)[y0 : y0 + h, x0 : x0 + w] = value
-
-    def read_all(self) -> np.ndarray:
-        """The whole object ``[n_y, n_x, n_z, 2]`` (only for objects that fit in memory)."""
-        return np.asarray(self._array(OBJECT)[...])
+    def initial_state(self, block: tuple[int, int], start: tuple[float, float]) -> np.ndarray:
+        """``[h, w, n_z, 2, 1 + n_state]``: the start value, zero optimizer state."""
+        _, _, h, w = self.block_box(block)
+        out = np.zeros((h, w, self.shape[2], 2, 1 + self.n_state), np.float32)
+        out[..., 0, 0], out[..., 1, 0] = start
+        return out
 
 
 def initial_value(representation: str) -> tuple[float, float]:
@@ -108,51 +112,216 @@ def initial_value(representation: str) -> tuple[float, float]:
     return (1.0, 0.0) if representation == "real_imag" else (0.0, 0.0)
 
 
-def create_object_store(
+@functools.lru_cache(maxsize=64)
+def _zarr_array(path: str, name: str):
+    import zarr
+
+    return zarr.open_array(store=path, path=name, mode="r+")
+
+
+def zarr_array(path: str, name: str):
+    """Open (and cache per process) one array of a run store."""
+    with _local_lock:
+        return _zarr_array(path, name)
+
+
+@contextmanager
+def _hdf5_lock(path: str):
+    """One holder at a time across the cluster (distributed.Lock), or in this process."""
+    try:
+        from distributed import Lock, get_worker
+
+        get_worker()
+    except (ImportError, ValueError):
+        with _local_lock:
+            yield
+        return
+    with Lock(f"adorym-dask-hdf5-{path}"):
+        yield
+
+
+@dataclass(frozen=True)
+class ObjectStore:
+    """Driver-side handle of a store; small and picklable, shipped inside tasks.
+
+    Attributes
+    ----------
+    kind : str
+        ``"zarr"``, ``"hdf5"`` or ``"memory"``.
+    path : str
+        The run store (a zarr group). The hdf5 store keeps its blocks in ``path/_state.h5``;
+        the memory store writes its blocks there only when a checkpoint is taken.
+    geometry : Geometry
+        Shape and blocking.
+    start : (float, float)
+        Start value of the two channels.
+    """
+
+    kind: str
+    path: str
+    geometry: Geometry
+    start: tuple[float, float] = (1.0, 0.0)
+
+    # -- convenience passthroughs ---------------------------------------------------------------
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return self.geometry.shape
+
+    def block_box(self, block):
+        return self.geometry.block_box(block)
+
+    def blocks_overlapping(self, box):
+        return self.geometry.blocks_overlapping(box)
+
+    def all_blocks(self):
+        return self.geometry.all_blocks()
+
+    @property
+    def on_disk(self) -> bool:
+        return self.kind != "memory"
+
+    @property
+    def hdf5_path(self) -> str:
+        return str(Path(self.path) / HDF5_FILE)
+
+    # -- block state I/O (run inside tasks) ------------------------------------------------------
+    def _slot_index(self, block: tuple[int, int], slot: int) -> tuple[slice, ...]:
+        y0, x0, h, w = self.block_box(block)
+        return (slot, slice(y0, y0 + h), slice(x0, x0 + w))
+
+    def read_slot(self, block: tuple[int, int], slot: int) -> np.ndarray:
+        """State ``[h, w, n_z, 2, 1 + n_state]`` of one block from one disk slot."""
+        idx = self._slot_index(block, slot)
+        try:
+            if self.kind == "hdf5":
+                import h5py
+
+                with _hdf5_lock(self.hdf5_path), h5py.File(self.hdf5_path, "r") as f:
+                    return f[STATE][idx]
+            return np.asarray(zarr_array(self.path, STATE_ZARR)[idx])
+        except (OSError, ValueError, KeyError) as err:
+            raise StoreError(
+                f"object store {self.path}: cannot read block {block} (slot {slot}): {err}. "
+                "The store is damaged or was removed; restore it or start a new run"
+            ) from None
+
+    def write_slot(self, block: tuple[int, int], slot: int, data: np.ndarray) -> None:
+        """Write one block's state into one disk slot (a whole chunk)."""
+        idx = self._slot_index(block, slot)
+        try:
+            if self.kind == "hdf5":
+                import h5py
+
+                with _hdf5_lock(self.hdf5_path), h5py.File(self.hdf5_path, "r+") as f:
+                    f[STATE][idx] = data
+                return
+            zarr_array(self.path, STATE_ZARR)[idx] = data
+        except OSError as err:
+            raise StoreError(
+                f"object store {self.path}: cannot write block {block}: {err.strerror or err}. "
+                "The last committed state is intact; fix the cause (e.g. free disk space) and "
+                "continue with --resume"
+            ) from None
+
+    def load(self, block: tuple[int, int], source) -> np.ndarray:
+        """A block's current state from its source (a BlockRef or the array itself)."""
+        if isinstance(source, BlockRef):
+            return self.read_slot(block, source.slot)
+        return source
+
+    def save(self, block: tuple[int, int], old_source, data: np.ndarray):
+        """Store a block's new state without touching the old one; returns the new source."""
+        if not self.on_disk:
+            return data
+        slot = 1 - old_source.slot
+        self.write_slot(block, slot, data)
+        return BlockRef(slot)
+
+    def publish(self, block: tuple[int, int], source) -> tuple[int, int]:
+        """Copy a block's object channels into the run store's ``object`` array."""
+        y0, x0, h, w = self.block_box(block)
+        zarr_array(self.path, OBJECT)[y0 : y0 + h, x0 : x0 + w] = self.load(block, source)[..., 0]
+        return block
+
+    def read_box(self, box: tuple[int, int, int, int], sources: dict) -> np.ndarray:
+        """Object values ``[h, w, n_z, 2]`` of ``box`` assembled from the blocks' sources."""
+        y0, x0, h, w = box
+        out = np.empty((h, w, self.shape[2], 2), np.float32)
+        for block, src in sources.items():
+            by0, bx0, bh, bw = self.block_box(block)
+            ys, ye = max(y0, by0), min(y0 + h, by0 + bh)
+            xs, xe = max(x0, bx0), min(x0 + w, bx0 + bw)
+            if ys < ye and xs < xe:
+                data = self.load(block, src)
+                out[ys - y0 : ye - y0, xs - x0 : xe - x0] = data[
+                    ys - by0 : ye - by0, xs - bx0 : xe - bx0, ..., 0
+                ]
+        return out
+
+    def read_object(self, sources: dict) -> np.ndarray:
+        """The whole object ``[n_y, n_x, n_z, 2]`` from the given sources (fits in memory)."""
+        out = np.empty(self.shape, np.float32)
+        for block, src in sources.items():
+            y0, x0, h, w = self.block_box(block)
+            out[y0 : y0 + h, x0 : x0 + w] = self.load(block, src)[..., 0]
+        return out
+
+
+def create_store(
+    kind: str,
     path: str | Path,
     *,
     shape: tuple[int, int, int],
     chunks: tuple[int, int],
     representation: str,
-    state_names: tuple[str, ...],
-    overwrite: bool = False,
-) -> ObjectRef:
-    """Create the object and optimizer-state arrays, filled block by block.
+    n_state: int,
+) -> ObjectStore:
+    """Create the arrays of a store inside an existing (new) run group.
 
-    Parameters
-    ----------
-    path : str or Path
-        zarr group to create; refused if it exists and ``overwrite`` is False.
-    shape : (int, int, int)
-        ``(n_y, n_x, n_z)``.
-    chunks : (int, int)
-        Block size along (y, x), clipped to the shape.
-    representation : str
-        ``"real_imag"`` or ``"delta_beta"`` (sets the start value and the ``representation`` attr).
-    state_names : tuple of str
-        Optimizer state arrays to create (zero-filled).
+    The run group gets ``object`` (the published result, dims ``y, x, z, channel``) and, for
+    disk stores, the two slots of every block's state (``state`` in zarr, or ``_state.h5``).
+    Slot 0 of every block is filled with the start value by :func:`init_block` tasks.
     """
+    import zarr
+
     path = str(path)
-    full = (*shape, 2)
     chunks = (min(chunks[0], shape[0]), min(chunks[1], shape[1]))
-    group = zarr.open_group(store=path, mode="w" if overwrite else "w-")
-    dims = ["y", "x", "z", "channel"]
-    # No compression: float gradients and Adam moments barely compress, and every update task
-    # reads and writes its block each minibatch.
-    kw = dict(
-        shape=full, chunks=(*chunks, shape[2], 2), dtype="float32", fill_value=0.0,
-        compressors=None,
+    geometry = Geometry((*shape, 2), chunks, n_state)
+    group = zarr.open_group(store=path, mode="r+")
+    # No compression: float gradients and Adam moments barely compress, and every update reads
+    # and writes its block each minibatch.
+    obj = group.create_array(
+        OBJECT, shape=geometry.shape, chunks=(*chunks, shape[2], 2), dtype="float32",
+        fill_value=0.0, compressors=None, dimension_names=["y", "x", "z", "channel"],
     )
-    obj = group.create_array(OBJECT, dimension_names=dims, **kw)
     channels = ["real", "imag"] if representation == "real_imag" else ["delta", "beta"]
     obj.attrs.update({"representation": representation, "channels": channels})
-    state = group.require_group(STATE_GROUP)
-    for name in state_names:
-        state.create_array(name, dimension_names=dims, **kw)
-    ref = ObjectRef(path=path, shape=full, chunks=chunks, state_names=tuple(state_names))
-    start = np.asarray(initial_value(representation), np.float32)
-    if start.any():
-        for block in ref.all_blocks():
-            _, _, h, w = ref.block_box(block)
-            ref.write_block(block, {OBJECT: np.broadcast_to(start, (h, w, shape[2], 2))})
-    return ref
+    state_shape = (2, *geometry.state_shape)
+    state_chunks = (1, *chunks, shape[2], 2, 1 + n_state)
+    if kind in ("zarr", "memory"):  # memory: the slots hold its checkpoints
+        group.require_group("state").create_array(
+            "blocks", shape=state_shape, chunks=state_chunks, dtype="float32", fill_value=0.0,
+            compressors=None,
+        )
+    elif kind == "hdf5":
+        import h5py
+
+        with h5py.File(Path(path) / HDF5_FILE, "w-") as f:
+            f.create_dataset(STATE, shape=state_shape, chunks=state_chunks, dtype="float32")
+    return ObjectStore(kind, path, geometry, initial_value(representation))
+
+
+def init_block(store: ObjectStore, block: tuple[int, int]):
+    """Task: the start state of a block, written to slot 0 of a disk store."""
+    data = store.geometry.initial_state(block, store.start)
+    if not store.on_disk:
+        return data
+    store.write_slot(block, 0, data)
+    return BlockRef(0)
+
+
+def checkpoint_block(store: ObjectStore, block: tuple[int, int], source, slot: int) -> BlockRef:
+    """Task (memory store): write a block's in-memory state to a zarr slot for a checkpoint."""
+    data = store.load(block, source)
+    zarr_array(store.path, STATE_ZARR)[store._slot_index(block, slot)] = data
+    return BlockRef(slot)

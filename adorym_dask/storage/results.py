@@ -35,22 +35,32 @@ def check_output(path: Path, *, overwrite: bool) -> None:
     path = Path(path)
     if path.exists() and not overwrite:
         raise OutputError(
-            f"output: {path} already exists; choose another output path, or set "
-            "overwrite: true (--set overwrite=true) to replace it"
+            f"output: {path} already exists; continue it with --resume, choose another output "
+            "path, or set overwrite: true (--set overwrite=true) to replace it"
         )
-    parent = path.parent if path.parent != Path("") else Path(".")
+    check_writable(path)
+
+
+def check_writable(path: Path) -> None:
+    """Raise :class:`OutputError` unless files can be created in ``path``'s folder."""
+    if "://" in str(path):
+        return
+    parent = Path(path).parent if Path(path).parent != Path("") else Path(".")
     if not parent.is_dir():
         raise OutputError(f"output: folder {parent} does not exist; create it or change output")
     # A real write, not os.access: root passes access checks on read-only or immutable folders.
-    try:
-        fd, probe = tempfile.mkstemp(prefix=".adorym-dask-write-test-", dir=parent)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as err:
-        raise OutputError(
-            f"output: cannot write in folder {parent} ({err.strerror}); choose a writable "
-            "output path"
-        ) from None
+    for folder in (parent, Path(path)):
+        if not folder.is_dir():
+            continue
+        try:
+            fd, probe = tempfile.mkstemp(prefix=".adorym-dask-write-test-", dir=folder)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as err:
+            raise OutputError(
+                f"output: cannot write in folder {folder} ({err.strerror}); choose a writable "
+                "output path"
+            ) from None
 
 
 def versions() -> dict[str, str]:
@@ -104,4 +114,6 @@ def finalize(path: str) -> None:
     with warnings.catch_warnings():
         # zarr warns that consolidated metadata is not (yet) in the v3 spec; xarray reads it.
         warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
+        # ... and that the checkpoint file beside the arrays is not a zarr node.
+        warnings.filterwarnings("ignore", message="Object at .* is not recognized", category=UserWarning)
         zarr.consolidate_metadata(path)

@@ -1,0 +1,135 @@
+"""Commit points of a run: everything the driver needs to continue exactly where it was.
+
+A checkpoint is one ``.npz`` file in the run store, written to a temporary file, flushed to disk
+and renamed over the previous one, so a driver killed at any moment leaves either the old or
+the new checkpoint, never a torn one. It names, per block, the slot holding the committed state
+(see :mod:`adorym_dask.storage.object_store`), so together with those slots it is a complete,
+consistent state of the run. The minibatch order of an epoch is a pure function of the seed and
+the epoch number, so the position in the epoch (``batch``) is the whole RNG state.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+FILE = "_checkpoint.npz"
+FORMAT = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used, with the reason and the fix."""
+
+
+@dataclass
+class Checkpoint:
+    """The driver's state at a commit point.
+
+    Attributes
+    ----------
+    config : dict
+        The run's configuration (JSON form).
+    epoch, batch : int
+        The next minibatch to run is number ``batch`` of epoch ``epoch``.
+    step : int
+        Optimizer steps taken so far.
+    loss : list of float
+        Loss of every finished epoch.
+    epoch_loss : (float, int)
+        Tile-weighted loss sum and tile count of the current epoch so far.
+    probe, probe_state, probe_step, probe_step_size :
+        The probe ``[M, py, px]`` complex64, its optimizer arrays, step count and step size.
+    slots : ndarray
+        ``[n_by, n_bx]`` int8: the slot holding each block's committed state.
+    """
+
+    config: dict
+    epoch: int
+    batch: int
+    step: int
+    loss: list[float]
+    epoch_loss: tuple[float, int]
+    probe: np.ndarray
+    probe_state: dict[str, np.ndarray]
+    probe_step: int
+    slots: np.ndarray
+    probe_step_size: float
+
+
+def checkpoint_path(run: str | Path) -> Path:
+    return Path(run) / FILE
+
+
+def save_checkpoint(run: str | Path, ck: Checkpoint) -> None:
+    """Atomically replace the run's checkpoint with ``ck``."""
+    path = checkpoint_path(run)
+    tmp = path.with_name(f".{FILE}.{os.getpid()}.tmp")
+    meta = {
+        "format": FORMAT, "config": ck.config, "epoch": ck.epoch, "batch": ck.batch,
+        "step": ck.step, "loss": ck.loss, "epoch_loss": list(ck.epoch_loss),
+        "probe_step": ck.probe_step, "probe_state_names": sorted(ck.probe_state),
+        "probe_step_size": ck.probe_step_size,
+    }
+    arrays = {f"probe_state_{k}": v for k, v in ck.probe_state.items()}
+    try:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, meta=np.array(json.dumps(meta)), probe=ck.probe, slots=ck.slots, **arrays)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise OSError(
+            err.errno, f"cannot write checkpoint {path}: {err.strerror}; the previous checkpoint "
+            "is intact"
+        ) from None
+
+
+def load_checkpoint(run: str | Path) -> Checkpoint:
+    """Read the run's checkpoint, with a clear error if it is missing or damaged."""
+    path = checkpoint_path(run)
+    if not path.is_file():
+        raise CheckpointError(
+            f"{run} has no checkpoint ({FILE}); it was not made by adorym-dask or was killed "
+            "before its first commit: run again without --resume"
+        )
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            meta = json.loads(str(z["meta"]))
+            probe_state = {k: z[f"probe_state_{k}"] for k in meta["probe_state_names"]}
+            ck = Checkpoint(
+                config=meta["config"], epoch=meta["epoch"], batch=meta["batch"],
+                step=meta["step"], loss=list(meta["loss"]), epoch_loss=tuple(meta["epoch_loss"]),
+                probe=z["probe"], probe_state=probe_state, probe_step=meta["probe_step"],
+                slots=z["slots"], probe_step_size=meta["probe_step_size"],
+            )
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile, json.JSONDecodeError) as err:
+        raise CheckpointError(
+            f"checkpoint {path} is damaged ({err}); it cannot be resumed: start a new run"
+        ) from None
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"checkpoint {path} has format {meta.get('format')}, not {FORMAT}")
+    return ck
+
+
+# Keys that may change between a run and its resumption: how and how long, not what.
+RESUMABLE_CHANGES = {"epochs", "cluster", "progress", "overwrite"}
+
+
+def config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ, ignoring :data:`RESUMABLE_CHANGES` at the top level."""
+    diffs = []
+    for key in sorted(set(old) | set(new)):
+        if not prefix and key in RESUMABLE_CHANGES:
+            continue
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs += config_differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            diffs.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return diffs
