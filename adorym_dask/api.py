@@ -16,6 +16,8 @@ def reconstruct(
     client: Client | None = None,
     *,
     overrides: list[str] | None = None,
+    resume: bool = False,
+    allow_config_change: bool = False,
 ) -> RunResult:
     """Run a reconstruction.
 
@@ -28,6 +30,10 @@ def reconstruct(
         default, ``cluster.address`` to join a running scheduler, or ``cluster.scheduler: sync``.
     overrides : list of str, optional
         ``key.sub=value`` items applied on top of a file or dict (as ``--set`` in the CLI).
+    resume : bool
+        Continue the run stored at ``config.output`` from its last commit (``--resume``).
+    allow_config_change : bool
+        With ``resume``: continue even if science settings differ from the stored run's.
 
     Returns
     -------
@@ -42,4 +48,4 @@ def reconstruct(
         cfg = config_from_dict(apply_overrides(dict(config), overrides or []))
     else:
         cfg = config
-    return run(cfg, client)
+    return run(cfg, client, resume=resume, allow_config_change=allow_config_change)

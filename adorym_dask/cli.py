@@ -8,17 +8,22 @@ from pathlib import Path
 
 from adorym_dask.config import ConfigError
 from adorym_dask.parameters import ProbeError
+from adorym_dask.storage.checkpoint import CheckpointError
 from adorym_dask.storage.measurements import MeasurementError
+from adorym_dask.storage.object_store import StoreError
 from adorym_dask.storage.results import OutputError
 
-USER_ERRORS = (ConfigError, MeasurementError, OutputError, ProbeError)
+USER_ERRORS = (ConfigError, MeasurementError, OutputError, ProbeError, CheckpointError, StoreError)
 
 
 def _reconstruct(args: argparse.Namespace) -> int:
     from adorym_dask.api import reconstruct
     from adorym_dask.plotting import save_summary_png
 
-    result = reconstruct(args.config, overrides=args.set)
+    result = reconstruct(
+        args.config, overrides=args.set, resume=args.resume,
+        allow_config_change=args.allow_config_change,
+    )
     print(f"wrote {result.output}  (final loss {result.loss[-1]:.5g})")
     if args.png:
         ds_attrs = result.open().attrs
@@ -49,6 +54,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="override a config value, e.g. --set optimizer.step_size=0.02 (repeatable)",
     )
     rec.add_argument("--png", help="also write a summary picture here")
+    rec.add_argument(
+        "--resume", action="store_true",
+        help="continue the run stored at the config's output from its last commit",
+    )
+    rec.add_argument(
+        "--allow-config-change", action="store_true",
+        help="with --resume: continue even if science settings differ from the stored run's",
+    )
     rec.set_defaults(func=_reconstruct)
     sim = sub.add_parser("simulate", help="write a simulated measurement file")
     add_simulate_arguments(sim)
