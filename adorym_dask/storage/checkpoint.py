@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from adorym_dask.storage.object_store import StoreError
+
 FILE = "_checkpoint.npz"
 FORMAT = 1
 
@@ -84,9 +86,9 @@ def save_checkpoint(run: str | Path, ck: Checkpoint) -> None:
         os.replace(tmp, path)
     except OSError as err:
         tmp.unlink(missing_ok=True)
-        raise OSError(
+        raise StoreError(
             err.errno, f"cannot write checkpoint {path}: {err.strerror}; the previous checkpoint "
-            "is intact"
+            "is intact: fix the cause (e.g. free disk space) and continue with --resume"
         ) from None
 
 
