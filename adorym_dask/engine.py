@@ -332,11 +332,17 @@ class Reconstruction:
             want_probe_grad=self.refine_probe(epoch),
             tag=tag,
         )
-        sums, probe_state, *updates = _persist(
-            scheduler, graph.sums, graph.probe_state, *graph.updates.values()
-        )
-        (loss, _), probe_state = dask.compute(sums, probe_state, scheduler=scheduler)
-        new = self._settle(scheduler, dict(zip(graph.updates, updates)))
+        if self.store.on_disk:  # every output is small: one round trip
+            (loss, _), probe_state, *updates = dask.compute(
+                graph.sums, graph.probe_state, *graph.updates.values(), scheduler=scheduler
+            )
+            new = dict(zip(graph.updates, updates))
+        else:  # block states stay on the workers
+            sums, probe_state, *updates = _persist(
+                scheduler, graph.sums, graph.probe_state, *graph.updates.values()
+            )
+            (loss, _), probe_state = dask.compute(sums, probe_state, scheduler=scheduler)
+            new = self._settle(scheduler, dict(zip(graph.updates, updates)))
         n = sum(len(g.tiles) for g in groups)
         self.sources = {**self.sources, **new}
         self.probe_state = probe_state
@@ -398,6 +404,15 @@ class Reconstruction:
         return RunResult(Path(self.path), self.loss, self.probe, self.offset)
 
     def _run_epoch(self, scheduler, bar, callback) -> None:
+        epoch = self.epoch
+        loss = self.run_epoch(scheduler)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4g}")
+        if callback is not None:
+            callback(epoch, loss, self)
+
+    def run_epoch(self, scheduler) -> float:
+        """Run the rest of the current epoch (from its next minibatch); return its loss."""
         if self.sources is None:
             self._initialize_blocks(scheduler)
         epoch = self.epoch
@@ -406,11 +421,7 @@ class Reconstruction:
         batches = epoch_minibatches(self.groups, self.cfg.minibatch_size, rng)
         for b in range(self.batch, len(batches)):
             self.run_minibatch(batches[b], epoch, b, scheduler)
-        loss = self._end_epoch(scheduler)
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.4g}")
-        if callback is not None:
-            callback(epoch, loss, self)
+        return self._end_epoch(scheduler)
 
 
 def run(

@@ -115,7 +115,7 @@ def time_engine(cfg, epochs: int, trim_threshold: int | None) -> tuple[float, li
         env_seen = ",".join(sorted(set(map(str, seen.values()))))
         for epoch in range(epochs):
             t0 = time.perf_counter()
-            rec.run_epoch(epoch, client)
+            rec.run_epoch(client)
             times.append(time.perf_counter() - t0)
     return (*summarise(times), env_seen)
 
@@ -134,43 +134,52 @@ def _tree_sum(values: list, fan_in: int):
 
 
 def loop_epoch(rec, epoch: int) -> float:
-    """``Reconstruction.run_epoch`` with every task called directly, in graph order."""
+    """``Reconstruction.run_epoch`` with every task called directly, in graph order, including
+    the per-minibatch commit (checkpoint) the engine makes."""
     from adorym_dask.graphs.minibatch import FAN_IN, epoch_minibatches
-    from adorym_dask.graphs.reduction import crop_sum
+    from adorym_dask.graphs.reduction import crop_sum, small_sums
     from adorym_dask.graphs.tasks import tile_group_gradient
     from adorym_dask.graphs.update import update_block
     from adorym_dask.optimizers import parameter_step
 
-    obj = rec.obj
+    st = rec.store
+    if rec.sources is None:
+        rec._initialize_blocks("sync")
     rng = np.random.default_rng([rec.cfg.seed, epoch])
     batches = epoch_minibatches(rec.groups, rec.cfg.minibatch_size, rng)
     want_probe = rec.refine_probe(epoch)
     total, n_total = 0.0, 0
     for groups in batches:
-        rec.step += 1
         n = sum(len(g.tiles) for g in groups)
         pieces = [
             tile_group_gradient(
-                g, obj, rec.meas.source, rec.probe, rec.model, scale=1.0 / n,
+                g, st, {b: rec.sources[b] for b in st.blocks_overlapping(g.box)},
+                rec.meas.source, rec.probe, rec.model, scale=1.0 / n,
                 want_probe_grad=want_probe,
             )
             for g in groups
         ]
         touching: dict[tuple[int, int], list[int]] = {}
         for i, g in enumerate(groups):
-            for block in obj.blocks_overlapping(g.box):
+            for block in st.blocks_overlapping(g.box):
                 touching.setdefault(block, []).append(i)
+        new = {}
         for block in sorted(touching):
             mine = [pieces[i] for i in touching[block]]
-            box = obj.block_box(block)
-            leaves = [
-                crop_sum(box, obj.shape[2], *mine[i : i + FAN_IN])
+            box = st.block_box(block)
+            parts = mine if len(mine) <= FAN_IN else [
+                crop_sum(box, st.shape[2], *mine[i : i + FAN_IN])
                 for i in range(0, len(mine), FAN_IN)
             ]
-            update_block(obj, block, _tree_sum(leaves, FAN_IN), step=rec.step, spec=rec.spec)
-        loss = _tree_sum([p.loss for p in pieces], FAN_IN)
-        pgrad = _tree_sum([p.probe_grad for p in pieces], FAN_IN) if want_probe else None
-        rec.probe_state = parameter_step(rec.probe_state, pgrad, rec.probe_spec)
+            new[block] = update_block(
+                st, block, rec.sources[block], *parts, step=rec.step + 1, spec=rec.spec
+            )
+        rec.sources.update(new)
+        rec.step += 1
+        loss, pgrad = small_sums(*pieces)
+        if want_probe:
+            rec.probe_state = parameter_step(rec.probe_state, pgrad, rec.probe_spec)
+        rec.commit()
         total += loss * n
         n_total += n
     return total / n_total
@@ -217,8 +226,11 @@ def count_group_ffts(rec, want_probe_grad: bool = True) -> list[tuple[tuple[int,
     det = tuple(rec.meas.det_shape)
     try:
         with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+            if rec.sources is None:
+                rec._initialize_blocks("sync")
             tile_group_gradient(
-                g, rec.obj, rec.meas.source, rec.probe, rec.model, scale=1.0,
+                g, rec.store, {b: rec.sources[b] for b in rec.store.blocks_overlapping(g.box)},
+                rec.meas.source, rec.probe, rec.model, scale=1.0,
                 want_probe_grad=want_probe_grad,
             )
         found = []
@@ -314,8 +326,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{cores} logical cores ({usable} usable), python {platform.python_version()}, "
               f"torch {torch.__version__} (default {torch.get_num_threads()} threads)")
         print(f"data:    {args.positions} positions, detector {args.detector}x{args.detector}, "
-              f"object {probe_rec.obj.shape[:2]} in blocks {probe_rec.obj.chunks}, "
-              f"{probe_rec.probe.shape[0]} probe mode(s), {probe_rec.obj.shape[2]} slice(s); "
+              f"object {probe_rec.store.shape[:2]} in blocks {probe_rec.store.geometry.chunks}, "
+              f"{probe_rec.probe.shape[0]} probe mode(s), {probe_rec.store.shape[2]} slice(s); "
               f"simulated in {t_sim:.1f} s")
         print(f"plan:    minibatch {args.minibatch_size} tiles, tile group {args.tile_group_size}"
               f" -> {n_groups} groups, {n_batches} minibatches (optimizer steps) per epoch; "
