@@ -178,6 +178,7 @@ class Reconstruction:
         self.obj_shape = (*shape, cfg.model.slices)
         self.sources: dict | None = None
         self.n_checkpoints = 0
+        self.recoveries = 0  # part of every task key: a replay must not reuse erred keys
         if resume:
             self._open_existing(allow_config_change)
         else:
@@ -244,6 +245,9 @@ class Reconstruction:
             None if (ck.slots < 0).any()
             else {b: BlockRef(int(ck.slots[b])) for b in self.store.all_blocks()}
         )
+        if not self.store.on_disk and self.sources is not None:
+            # the next memory checkpoint must not overwrite the slot this one names
+            self.n_checkpoints = 1 - int(ck.slots.flat[0])
 
     def _write_metadata(self) -> None:
         spacing = self.cfg.model.slice_spacing_m or self.meas.pixel_size_m
@@ -287,15 +291,18 @@ class Reconstruction:
         ))
 
     def _checkpoint_memory_blocks(self, scheduler) -> None:
-        """Memory store: write every block to the zarr slots not used by the last checkpoint."""
+        """Memory store: write every block to the zarr slots not used by the last checkpoint,
+        then continue from those copies, which also cuts the tasks' lineage on the scheduler
+        (otherwise a lost block is recomputed from the run's whole history)."""
         slot = self.n_checkpoints % 2
         tasks = [
             delayed(checkpoint_block, pure=False)(self.store, b, src, slot)
             for b, src in self.sources.items()
         ]
-        dask.compute(*tasks, scheduler=scheduler)
+        refs = dask.compute(*tasks, scheduler=scheduler)
         self.n_checkpoints += 1
         self.commit(np.full(self.store.geometry.n_blocks, slot, np.int8))
+        self.sources = dict(zip(self.sources, refs))
 
     # -- running ----------------------------------------------------------------------------------
     def refine_probe(self, epoch: int) -> bool:
@@ -305,8 +312,7 @@ class Reconstruction:
         tasks = {b: delayed(init_block, pure=True)(self.store, b, dask_key_name=f"init-{b[0]}-{b[1]}")
                  for b in self.store.all_blocks()}
         self.sources = self._settle(scheduler, dict(zip(tasks, _persist(scheduler, *tasks.values()))))
-        if self.store.on_disk:
-            self.commit()
+        self.commit()  # memory store: slots -1, "start values", so even epoch 0 can resume
 
     def _settle(self, scheduler, sources: dict) -> dict:
         """Wait for block sources: disk sources come back as values, memory ones stay futures."""
@@ -318,7 +324,7 @@ class Reconstruction:
 
     def run_minibatch(self, groups, epoch: int, b: int, scheduler) -> None:
         """Build, run and commit one optimizer step."""
-        tag = f"e{epoch}-b{b}"
+        tag = f"e{epoch}-b{b}-r{self.recoveries}"
         graph = build_minibatch(
             groups,
             obj=self.store,
@@ -380,7 +386,8 @@ class Reconstruction:
     def _recover(self, err: BaseException, attempt: int) -> None:
         if attempt > MAX_RECOVERIES:
             raise err
-        log.warning("lost work on the cluster (%s); continuing from the last commit", err)
+        log.warning("lost work on the cluster (%s); continuing from the last commit", str(err))
+        self.recoveries += 1
         self._restore(load_checkpoint(self.path))
 
     def run(self, client: Client | None = None, *, callback: Callable | None = None) -> RunResult:
@@ -416,7 +423,8 @@ class Reconstruction:
         if self.sources is None:
             self._initialize_blocks(scheduler)
         epoch = self.epoch
-        self._model_delayed = delayed(self.model, name=f"model-e{epoch}", traverse=False)
+        self._model_delayed = delayed(self.model, name=f"model-e{epoch}-r{self.recoveries}",
+                                     traverse=False)
         rng = np.random.default_rng([self.cfg.seed, epoch])
         batches = epoch_minibatches(self.groups, self.cfg.minibatch_size, rng)
         for b in range(self.batch, len(batches)):
