@@ -16,10 +16,18 @@ from __future__ import annotations
 
 import enum
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 
 class ConfigError(ValueError):
@@ -182,7 +190,9 @@ class RunConfig(_Strict):
     minibatch_size: int = Field(32, ge=1, description="tiles per optimizer step")
     tile_group_size: int = Field(8, ge=1, description="tiles per gradient task")
     seed: int = 0
-    output: Path = Path("run.zarr")
+    output: Annotated[str, BeforeValidator(str)] = Field(
+        "run.zarr", description="the run store: a folder, or an fsspec URL (file://, s3://, ...)"
+    )
     publish_every_epochs: int = Field(
         1, ge=0, description="copy the object into output's 'object' array every N epochs "
         "(0: only at the end); commits for --resume happen every minibatch regardless",
@@ -247,7 +257,7 @@ def _resolve_paths(cfg: RunConfig, base: Path) -> RunConfig:
 
     cfg = cfg.model_copy(deep=True)
     cfg.data.path = fix(cfg.data.path)
-    cfg.output = fix(cfg.output)
+    cfg.output = str(fix(Path(cfg.output))) if "://" not in cfg.output else cfg.output
     if cfg.probe.path is not None:
         cfg.probe.path = fix(cfg.probe.path)
     return cfg

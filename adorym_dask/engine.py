@@ -23,7 +23,6 @@ from pathlib import Path
 
 import dask
 import numpy as np
-import zarr
 from dask.delayed import delayed
 from distributed import Client, wait
 from distributed.client import futures_of
@@ -35,7 +34,7 @@ from adorym_dask.graphs.minibatch import build_minibatch, epoch_minibatches, pla
 from adorym_dask.optimizers import OptimizerSpec, ParameterState
 from adorym_dask.parameters import initial_probe
 from adorym_dask.registry import model_builder
-from adorym_dask.storage import results
+from adorym_dask.storage import location, results
 from adorym_dask.storage.checkpoint import (
     Checkpoint,
     CheckpointError,
@@ -69,7 +68,7 @@ MAX_RECOVERIES = 3
 class RunResult:
     """Where a run wrote its result, and its small outputs."""
 
-    output: Path
+    output: Path | str
     loss: list[float]
     probe: np.ndarray
     position_offset_px: np.ndarray = field(default_factory=lambda: np.zeros(2))
@@ -78,11 +77,11 @@ class RunResult:
         """The run store as an ``xarray.Dataset``."""
         import xarray as xr
 
-        return xr.open_zarr(self.output)
+        return xr.open_zarr(location.zarr_store(str(self.output)))
 
     def object(self) -> np.ndarray:
         """The object ``[n_y, n_x, n_z, 2]`` (loads it whole)."""
-        return np.asarray(zarr.open_array(store=str(self.output), path=OBJECT, mode="r")[...])
+        return np.asarray(location.open_array(str(self.output), OBJECT, mode="r")[...])
 
 
 def load_measurements(cfg: RunConfig) -> Measurements:
@@ -193,8 +192,8 @@ class Reconstruction:
         probe = initial_probe(cfg.probe, self.meas, n_modes=cfg.model.probe_modes, seed=cfg.seed)
         self.probe_spec = self._probe_spec(probe)
         self.probe_state = ParameterState.start(probe, self.probe_spec)
-        results.check_output(Path(self.path), overwrite=cfg.overwrite)
-        zarr.open_group(store=self.path, mode="w" if cfg.overwrite else "w-")
+        results.check_output(self.path, overwrite=cfg.overwrite)
+        location.open_group(self.path, mode="w" if cfg.overwrite else "w-")
         self.store = self._make_store(create=True)
         self.epoch, self.batch, self.step = 0, 0, 0
         self.loss: list[float] = []
@@ -226,9 +225,9 @@ class Reconstruction:
                 + "; ".join(diffs)
                 + ". Restore those values, or resume anyway with --allow-config-change"
             )
-        results.check_writable(Path(self.path))
+        results.check_writable(self.path)
         self.store = self._make_store(create=False)
-        stored = zarr.open_array(store=self.path, path=OBJECT, mode="r").shape
+        stored = location.open_array(self.path, OBJECT, mode="r").shape
         if tuple(stored) != self.store.shape:
             raise CheckpointError(
                 f"{self.path} holds an object of shape {stored}, but this config gives "
@@ -408,7 +407,8 @@ class Reconstruction:
                 self._initialize_blocks(scheduler)
             self.publish(scheduler)
         results.finalize(self.path)
-        return RunResult(Path(self.path), self.loss, self.probe, self.offset)
+        out = self.path if location.is_url(self.path) else Path(self.path)
+        return RunResult(out, self.loss, self.probe, self.offset)
 
     def _run_epoch(self, scheduler, bar, callback) -> None:
         epoch = self.epoch

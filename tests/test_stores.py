@@ -255,3 +255,24 @@ def test_disk_full_keeps_last_commit(sim, tmp_path, small_disk):
     resumed = run(_cfg(sim, out), resume=True)
     np.testing.assert_array_equal(resumed.object(), full.object())
     assert len(resumed.loss) == 3
+
+
+def test_fsspec_url_store_runs_resumes_and_opens(sim, tmp_path, monkeypatch):
+    """The run store as an fsspec URL (file://, through fsspec like s3:// would be): the
+    workers of a 2-process cluster open it themselves, a killed run resumes, xarray opens it."""
+    from distributed import Client, LocalCluster
+
+    ref = run(_cfg(sim, tmp_path / "local.zarr", minibatch_size=8))
+    url = f"file://{tmp_path}/url.zarr"
+    with monkeypatch.context() as m:
+        _interrupt_after(m, 7)
+        with pytest.raises(_Interrupt):
+            run(_cfg(sim, url, minibatch_size=8))
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                      dashboard_address=None) as cluster, Client(cluster) as client:
+        resumed = run(_cfg(sim, url, minibatch_size=8), client, resume=True)
+    assert resumed.output == url
+    np.testing.assert_array_equal(resumed.object(), ref.object())
+    assert resumed.open()["loss"].shape == (3,)
+    with pytest.raises(OutputError, match="already exists"):
+        run(_cfg(sim, url, minibatch_size=8))

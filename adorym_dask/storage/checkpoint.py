@@ -10,6 +10,7 @@ the epoch number, so the position in the epoch (``batch``) is the whole RNG stat
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import zipfile
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from adorym_dask.storage import location
 from adorym_dask.storage.object_store import StoreError
 
 FILE = "_checkpoint.npz"
@@ -69,8 +71,6 @@ def checkpoint_path(run: str | Path) -> Path:
 
 def save_checkpoint(run: str | Path, ck: Checkpoint) -> None:
     """Atomically replace the run's checkpoint with ``ck``."""
-    path = checkpoint_path(run)
-    tmp = path.with_name(f".{FILE}.{os.getpid()}.tmp")
     meta = {
         "format": FORMAT, "config": ck.config, "epoch": ck.epoch, "batch": ck.batch,
         "step": ck.step, "loss": ck.loss, "epoch_loss": list(ck.epoch_loss),
@@ -78,6 +78,13 @@ def save_checkpoint(run: str | Path, ck: Checkpoint) -> None:
         "probe_step_size": ck.probe_step_size,
     }
     arrays = {f"probe_state_{k}": v for k, v in ck.probe_state.items()}
+    if location.is_url(str(run)):
+        buf = io.BytesIO()
+        np.savez(buf, meta=np.array(json.dumps(meta)), probe=ck.probe, slots=ck.slots, **arrays)
+        location.put_bytes(str(run), FILE, buf.getvalue())
+        return
+    path = checkpoint_path(run)
+    tmp = path.with_name(f".{FILE}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as fh:
             np.savez(fh, meta=np.array(json.dumps(meta)), probe=ck.probe, slots=ck.slots, **arrays)
@@ -94,14 +101,17 @@ def save_checkpoint(run: str | Path, ck: Checkpoint) -> None:
 
 def load_checkpoint(run: str | Path) -> Checkpoint:
     """Read the run's checkpoint, with a clear error if it is missing or damaged."""
-    path = checkpoint_path(run)
-    if not path.is_file():
+    path = f"{run}/{FILE}" if location.is_url(str(run)) else checkpoint_path(run)
+    data = location.get_bytes(str(run), FILE) if location.is_url(str(run)) else (
+        path.read_bytes() if path.is_file() else None
+    )
+    if data is None:
         raise CheckpointError(
             f"{run} has no checkpoint ({FILE}); it was not made by adorym-dask or was killed "
             "before its first commit: run again without --resume"
         )
     try:
-        with np.load(path, allow_pickle=False) as z:
+        with np.load(io.BytesIO(data), allow_pickle=False) as z:
             meta = json.loads(str(z["meta"]))
             probe_state = {k: z[f"probe_state_{k}"] for k in meta["probe_state_names"]}
             ck = Checkpoint(

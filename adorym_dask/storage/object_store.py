@@ -40,6 +40,8 @@ from pathlib import Path
 
 import numpy as np
 
+from adorym_dask.storage import location
+
 OBJECT = "object"
 STATE = "state"  # HDF5 dataset name
 STATE_ZARR = "state/blocks"  # in a subgroup, so xarray.open_zarr of the run shows only results
@@ -114,9 +116,7 @@ def initial_value(representation: str) -> tuple[float, float]:
 
 @functools.lru_cache(maxsize=64)
 def _zarr_array(path: str, name: str):
-    import zarr
-
-    return zarr.open_array(store=path, path=name, mode="r+")
+    return location.open_array(path, name)
 
 
 def zarr_array(path: str, name: str):
@@ -282,12 +282,10 @@ def create_store(
     disk stores, the two slots of every block's state (``state`` in zarr, or ``_state.h5``).
     Slot 0 of every block is filled with the start value by :func:`init_block` tasks.
     """
-    import zarr
-
     path = str(path)
     chunks = (min(chunks[0], shape[0]), min(chunks[1], shape[1]))
     geometry = Geometry((*shape, 2), chunks, n_state)
-    group = zarr.open_group(store=path, mode="r+")
+    group = location.open_group(path)
     # No compression: float gradients and Adam moments barely compress, and every update reads
     # and writes its block each minibatch.
     obj = group.create_array(
@@ -305,6 +303,12 @@ def create_store(
         )
     elif kind == "hdf5":
         import h5py
+
+        if location.is_url(path):
+            raise StoreError(
+                f"object.store hdf5 needs a local output folder, not {path}; use the zarr store "
+                "for URLs"
+            )
 
         with h5py.File(Path(path) / HDF5_FILE, "w-") as f:
             f.create_dataset(STATE, shape=state_shape, chunks=state_chunks, dtype="float32")

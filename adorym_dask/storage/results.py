@@ -19,21 +19,24 @@ import numpy as np
 import zarr
 
 from adorym_dask.optimizers import as_real
+from adorym_dask.storage import location
 
 
 class OutputError(OSError):
     """The output location cannot be used (exists, read-only, not a folder, ...)."""
 
 
-def check_output(path: Path, *, overwrite: bool) -> None:
+def check_output(path: str | Path, *, overwrite: bool) -> None:
     """Refuse before any work is done if the run store cannot be written.
 
     An existing store is never touched unless ``overwrite`` is set.
     """
-    if "://" in str(path):
-        return
-    path = Path(path)
-    if path.exists() and not overwrite:
+    if location.is_url(str(path)):
+        exists = location.get_bytes(str(path), "zarr.json") is not None
+    else:
+        path = Path(path)
+        exists = path.exists()
+    if exists and not overwrite:
         raise OutputError(
             f"output: {path} already exists; continue it with --resume, choose another output "
             "path, or set overwrite: true (--set overwrite=true) to replace it"
@@ -41,9 +44,9 @@ def check_output(path: Path, *, overwrite: bool) -> None:
     check_writable(path)
 
 
-def check_writable(path: Path) -> None:
+def check_writable(path: str | Path) -> None:
     """Raise :class:`OutputError` unless files can be created in ``path``'s folder."""
-    if "://" in str(path):
+    if location.is_url(str(path)):
         return
     parent = Path(path).parent if Path(path).parent != Path("") else Path(".")
     if not parent.is_dir():
@@ -90,7 +93,7 @@ def write_coordinates(
     path: str, *, shape: tuple[int, int, int], pixel_size_m: float, slice_spacing_m: float
 ) -> None:
     """Physical coordinates (metres) of the object axes."""
-    g = zarr.open_group(store=path, mode="r+")
+    g = location.open_group(path)
     for name, n, step in (("y", shape[0], pixel_size_m), ("x", shape[1], pixel_size_m),
                           ("z", shape[2], slice_spacing_m)):
         _put(g, name, np.arange(n, dtype=np.float64) * step, [name])
@@ -99,13 +102,13 @@ def write_coordinates(
 
 def write_progress(path: str, *, probe: np.ndarray, loss: list[float]) -> None:
     """Store the current probe ``[M, py, px]`` complex and the loss history."""
-    g = zarr.open_group(store=path, mode="r+")
+    g = location.open_group(path)
     _put(g, "probe", as_real(probe), ["mode", "py", "px", "channel"])
     _put(g, "loss", np.asarray(loss, np.float64), ["epoch"])
 
 
 def write_attrs(path: str, attrs: dict) -> None:
-    g = zarr.open_group(store=path, mode="r+")
+    g = location.open_group(path)
     g.attrs.update(json.loads(json.dumps(attrs, default=str)))
 
 
@@ -116,4 +119,4 @@ def finalize(path: str) -> None:
         warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
         # ... and that the checkpoint file beside the arrays is not a zarr node.
         warnings.filterwarnings("ignore", message="Object at .* is not recognized", category=UserWarning)
-        zarr.consolidate_metadata(path)
+        zarr.consolidate_metadata(location.zarr_store(path))
