@@ -171,7 +171,7 @@ def _worker_memory(dask_worker) -> dict:
         "peak_rss": status["VmHWM"],
         "rss": status["VmRSS"],
         "status": str(dask_worker.status),
-        "spilled_now": int(getattr(data, "spilled_total", (0, 0))[0]) if hasattr(data, "slow") else 0,
+        "spilled_now": int(data.spilled_total[0]) if hasattr(data, "slow") else 0,
         "disk_writes": int(metrics.get(("disk-write", "count"), 0)),
         "n_keys_on_disk": len(getattr(data, "slow", {})),
     }

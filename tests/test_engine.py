@@ -193,3 +193,18 @@ def test_multislice_modes_delta_beta_poisson_converge(tmp_path):
     r2 = run(db)
     assert r2.loss[-1] < r2.loss[0]
     assert r2.open().attrs["representation"] == "delta_beta"
+
+
+def test_plan_covers_every_tile_once_in_compact_groups():
+    """Raster rows exactly one detector apart (an even number of half-tile bands): every tile
+    lands in exactly one group, and no group's box exceeds 2 detector areas per tile."""
+    from adorym_dask.graphs.minibatch import MAX_BOX_AREA_PER_TILE, plan_tile_groups
+
+    yy, xx = np.meshgrid(np.arange(0, 640, 64.0), np.arange(0, 1000, 50.0), indexing="ij")
+    pos = np.stack([yy, xx], -1).reshape(1, -1, 2)
+    groups = plan_tile_groups(pos, (64, 64), 8)
+    tiles = np.sort(np.concatenate([g.tiles for g in groups]))
+    np.testing.assert_array_equal(tiles, np.arange(pos.shape[1]))
+    for g in groups:
+        assert len(g.tiles) <= 8
+        assert g.box[2] * g.box[3] <= MAX_BOX_AREA_PER_TILE * 64 * 64 * len(g.tiles)

@@ -28,30 +28,56 @@ def spatial_order(positions_px: np.ndarray, det_shape: tuple[int, int]) -> np.nd
     """Order tiles along a serpentine over bands of half a tile height, so that consecutive
     tiles are neighbours and a group of them sees a compact object box.
 
+    The direction alternates between *occupied* bands (not band parity: rows an even number
+    of bands apart would otherwise all run the same way, and a group crossing rows would join
+    one row's right end to the next row's left end).
+
     ``positions_px [n, 2]`` -> permutation ``[n]``.
     """
     band = np.floor(positions_px[:, 0] / max(1, det_shape[0] // 2)).astype(np.int64)
-    x = np.where(band % 2 == 0, positions_px[:, 1], -positions_px[:, 1])
+    rank = np.unique(band, return_inverse=True)[1].reshape(-1)
+    x = np.where(rank % 2 == 0, positions_px[:, 1], -positions_px[:, 1])
     return np.lexsort((x, band))
+
+
+# A group's box may cover at most this many times the detector area per tile it holds: loose
+# enough for overlapping scans in 2-D, tight enough that a group never spans a gap.
+MAX_BOX_AREA_PER_TILE = 2.0
 
 
 def plan_tile_groups(
     positions_px: np.ndarray, det_shape: tuple[int, int], group_size: int
 ) -> list[TileGroup]:
-    """Split every angle's tiles into spatially compact groups of ``group_size``.
+    """Split every angle's tiles into spatially compact groups of at most ``group_size``.
+
+    Tiles are taken in :func:`spatial_order`; a group is closed when it is full or when the
+    next tile would make its object box larger than ``MAX_BOX_AREA_PER_TILE`` detector areas
+    per tile (a jump to a distant tile), so a task never reads and differentiates a box much
+    larger than its tiles.
 
     Parameters
     ----------
     positions_px : ndarray
         ``[n_angles, n_tiles, 2]`` tile corners in object pixels.
     """
+    det_area = float(det_shape[0] * det_shape[1])
     groups: list[TileGroup] = []
+
+    def close(angle: int, tiles: list[int], pos: np.ndarray) -> None:
+        idx = np.asarray(tiles)
+        groups.append(TileGroup(len(groups), angle, idx, pos[idx], group_box(pos[idx], det_shape)))
+
     for angle, pos in enumerate(positions_px):
-        order = spatial_order(pos, det_shape)
-        n_chunks = max(1, round(len(order) / group_size))
-        for tiles in np.array_split(order, n_chunks):
-            p = pos[tiles]
-            groups.append(TileGroup(len(groups), angle, tiles, p, group_box(p, det_shape)))
+        current: list[int] = []
+        for t in spatial_order(pos, det_shape):
+            if current:
+                box = group_box(pos[current + [t]], det_shape)
+                too_big = box[2] * box[3] > MAX_BOX_AREA_PER_TILE * det_area * (len(current) + 1)
+                if len(current) == group_size or too_big:
+                    close(angle, current, pos)
+                    current = []
+            current.append(int(t))
+        close(angle, current, pos)
     return groups
 
 
