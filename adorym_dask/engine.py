@@ -55,7 +55,6 @@ from adorym_dask.storage.object_store import (
     checkpoint_block,
     create_store,
     init_block,
-    zarr_array,
 )
 
 log = logging.getLogger(__name__)

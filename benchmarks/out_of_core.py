@@ -322,14 +322,12 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     import torch
-    from dask.utils import parse_bytes
 
     import adorym_dask  # noqa: F401  (registers the package's Dask defaults)
 
     wall0 = time.perf_counter()
     big = (args.object_px, args.object_px)
     small = (args.object_px // 2, args.object_px // 4)
-    limit = parse_bytes(args.memory_limit)
     big_bytes = big[0] * big[1] * 2 * 4
     small_bytes = small[0] * small[1] * 2 * 4
     workdir = Path(args.workdir or tempfile.gettempdir())

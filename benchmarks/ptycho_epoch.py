@@ -113,7 +113,7 @@ def time_engine(cfg, epochs: int, trim_threshold: int | None) -> tuple[float, li
     with _environ_restored(), setting, dask_client(cfg.cluster) as client:
         seen = client.run(lambda: os.environ.get("MALLOC_TRIM_THRESHOLD_", "unset"))
         env_seen = ",".join(sorted(set(map(str, seen.values()))))
-        for epoch in range(epochs):
+        for _ in range(epochs):
             t0 = time.perf_counter()
             rec.run_epoch(client)
             times.append(time.perf_counter() - t0)
@@ -215,7 +215,6 @@ def count_group_ffts(rec, want_probe_grad: bool = True) -> list[tuple[tuple[int,
     fraunhofer: one fft2 ``[G, M]``; the backward pass one transform of each shape back) is the
     fallback.
     """
-    import torch
     from torch.profiler import ProfilerActivity, profile
 
     from adorym_dask.graphs.tasks import tile_group_gradient
