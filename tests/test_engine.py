@@ -168,7 +168,6 @@ def test_defaults_converge_from_data_probe(tmp_path):
     assert corr >= 0.9, corr
 
 
-@pytest.mark.slow
 def test_acceptance_256_object_128_detector_300_positions(tmp_path):
     """Issue acceptance: 256x256 object, 128x128 detector, 300 positions, true probe given:
     phase SSIM >= 0.90 (measured 0.99 with the default step after 20 epochs)."""

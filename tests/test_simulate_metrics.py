@@ -235,7 +235,6 @@ def test_siemens_star_fixture(siemens_star):
     assert d["scan"].shape == (516, 2)
 
 
-@pytest.mark.slow
 def test_epie_siemens_star(siemens_star):
     """Plain ePIE on tike's experimental Siemens star (about 10 s)."""
     data, probe = siemens_star["data"], siemens_star["probe"]
