@@ -173,3 +173,12 @@ def test_missing_energy_through_config(tmp_path):
     cfg = load_config(_write_yaml(tmp_path), overrides=["cluster.scheduler=sync"])
     with pytest.raises(MeasurementError, match="energy_ev"):
         run(cfg)
+
+
+def test_demo_writes_store_and_png(tmp_path, capsys):
+    """The Quick start's demo: simulated data, a LocalCluster, demo.zarr and demo.png."""
+    assert main(["demo", "--folder", str(tmp_path), "--epochs", "3", "--workers", "1"]) == 0
+    ds = xr.open_zarr(tmp_path / "demo.zarr")
+    assert ds["loss"].shape == (3,) and ds["loss"].values[-1] < ds["loss"].values[0]
+    assert (tmp_path / "demo.png").stat().st_size > 10_000
+    assert "correlation" in capsys.readouterr().out
