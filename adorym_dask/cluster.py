@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+import os
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 from distributed import Client, LocalCluster, WorkerPlugin
 
@@ -54,3 +55,18 @@ def dask_client(cfg: ClusterConfig, client: Client | None = None) -> Iterator[Cl
         own.close()
         if cluster is not None:
             cluster.close()
+
+
+@contextmanager
+def environ_restored() -> Iterator[None]:
+    """Undo what a Nanny writes into this process's ``os.environ`` (its ``pre-spawn-environ``).
+
+    Benchmarks that start clusters with different settings one after another need this, or the
+    first cluster's variables leak into the next.
+    """
+    saved = dict(os.environ)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)

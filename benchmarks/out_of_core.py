@@ -35,7 +35,6 @@ Run::
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 import os
 import platform
@@ -239,27 +238,18 @@ class Timing:
         return self.n_tiles / self.steady_epoch_s
 
 
-@contextlib.contextmanager
-def _environ_restored():
-    """Nanny writes ``pre-spawn-environ`` into this process's ``os.environ``; undo that."""
-    saved = dict(os.environ)
-    try:
-        yield
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
 
 
 def run_once(label: str, cfg, n_tiles: int) -> Timing:
     from dask.utils import parse_bytes
 
-    from adorym_dask.cluster import dask_client
+    from adorym_dask.cluster import dask_client, environ_restored
     from adorym_dask.engine import Reconstruction
 
     rec = Reconstruction(cfg)
     n_y, n_x, n_z = rec.obj_shape
     object_bytes = n_y * n_x * n_z * 2 * 4
-    with _environ_restored(), dask_client(cfg.cluster) as client:
+    with environ_restored(), dask_client(cfg.cluster) as client:
         client.wait_for_workers(cfg.cluster.n_workers)
         # a first small task: every worker has imported torch (TorchThreads) and run a task
         client.run(lambda: None)

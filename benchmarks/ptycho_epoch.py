@@ -81,15 +81,6 @@ def summarise(times: list[float]) -> tuple[float, list[float]]:
 # --------------------------------------------------------------------------------------------
 # (a) the engine on a LocalCluster
 # --------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def _environ_restored():
-    """Nanny writes ``pre-spawn-environ`` into this process's ``os.environ``; undo that."""
-    saved = dict(os.environ)
-    try:
-        yield
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
 
 
 def time_engine(cfg, epochs: int, trim_threshold: int | None) -> tuple[float, list[float], str]:
@@ -100,7 +91,7 @@ def time_engine(cfg, epochs: int, trim_threshold: int | None) -> tuple[float, li
     """
     import dask
 
-    from adorym_dask.cluster import dask_client
+    from adorym_dask.cluster import dask_client, environ_restored
     from adorym_dask.engine import Reconstruction
 
     rec = Reconstruction(cfg)
@@ -110,7 +101,7 @@ def time_engine(cfg, epochs: int, trim_threshold: int | None) -> tuple[float, li
         else contextlib.nullcontext()
     )
     times = []
-    with _environ_restored(), setting, dask_client(cfg.cluster) as client:
+    with environ_restored(), setting, dask_client(cfg.cluster) as client:
         seen = client.run(lambda: os.environ.get("MALLOC_TRIM_THRESHOLD_", "unset"))
         env_seen = ",".join(sorted(set(map(str, seen.values()))))
         for _ in range(epochs):

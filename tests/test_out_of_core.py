@@ -25,7 +25,6 @@ Measured 28-57 s on 2 cores, depending on other load (the reconstruction itself 
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import time
@@ -33,6 +32,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from adorym_dask.cluster import environ_restored
 import torch
 
 from adorym_dask.config import config_from_dict
@@ -98,15 +99,6 @@ def _worker_memory(dask_worker) -> dict:
     }
 
 
-@contextlib.contextmanager
-def _environ_restored():
-    """The nanny writes ``pre-spawn-environ`` into this process's ``os.environ``; undo that."""
-    saved = dict(os.environ)
-    try:
-        yield
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
 
 
 def test_tile_group_boxes_stay_near_their_tiles():
@@ -153,7 +145,7 @@ def test_object_store_four_times_worker_memory(tmp_path):
                    (1024, 1024))
     cfg = _config(*_write_scan(tmp_path / "big", SHAPE), tmp_path / "run.zarr", SHAPE)
     t0 = time.perf_counter()
-    with _environ_restored(), LocalCluster(
+    with environ_restored(), LocalCluster(
         n_workers=2, threads_per_worker=1, memory_limit=LIMIT, processes=True,
         dashboard_address=None,
     ) as cluster, Client(cluster) as client:

@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from adorym_dask import metrics
 from adorym_dask.config import config_from_dict
