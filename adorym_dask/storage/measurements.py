@@ -449,34 +449,28 @@ def write_measurements(
     tmp = os.path.join(os.path.dirname(p), f".{base}.tmp-{uuid.uuid4().hex[:8]}")
     step = max(1, _BLOCK_BYTES // (dy * dx * 4))
     try:
+        def write_tree(g: Any, make: Any) -> None:
+            # zarr's create_array and h5py's create_dataset take the same arguments here
+            ds = make("intensities", shape=shape, chunks=chunk, dtype="float32")
+            make("positions_px", data=pos)
+            for name in ("angles_rad", "mask"):
+                if fields[name] is not None:
+                    make(name, data=fields[name])
+            for name, arr in extra.items():
+                make(name.strip("/"), data=np.asarray(arr))
+            g.attrs.update(attrs)
+            _fill(ds, intensities, n_a, n_t, step)
+
         if ext == ".zarr":
             import zarr
 
             g = zarr.open_group(tmp, mode="w")
-            ds = g.create_array("intensities", shape=shape, chunks=chunk, dtype="float32")
-            g.create_array("positions_px", data=pos)
-            if fields["angles_rad"] is not None:
-                g.create_array("angles_rad", data=fields["angles_rad"])
-            if fields["mask"] is not None:
-                g.create_array("mask", data=fields["mask"])
-            for name, arr in extra.items():
-                g.create_array(name.strip("/"), data=np.asarray(arr))
-            g.attrs.update(attrs)
-            _fill(ds, intensities, n_a, n_t, step)
+            write_tree(g, g.create_array)
         else:
             import h5py
 
             with h5py.File(tmp, "w") as f:
-                ds = f.create_dataset("intensities", shape=shape, chunks=chunk, dtype="float32")
-                f.create_dataset("positions_px", data=pos)
-                if fields["angles_rad"] is not None:
-                    f.create_dataset("angles_rad", data=fields["angles_rad"])
-                if fields["mask"] is not None:
-                    f.create_dataset("mask", data=fields["mask"])
-                for name, arr in extra.items():
-                    f.create_dataset(name.strip("/"), data=np.asarray(arr))
-                f.attrs.update(attrs)
-                _fill(ds, intensities, n_a, n_t, step)
+                write_tree(f, f.create_dataset)
         close_cached_files(p)
         if os.path.lexists(p):
             old = os.path.join(os.path.dirname(p), f".{base}.old-{uuid.uuid4().hex[:8]}")
