@@ -55,6 +55,7 @@ from adorym_dask.storage.object_store import (
     checkpoint_block,
     create_store,
     init_block,
+    open_store,
 )
 
 log = logging.getLogger(__name__)
@@ -200,19 +201,12 @@ class Reconstruction:
         self._write_metadata()
 
     def _make_store(self, *, create: bool) -> ObjectStore:
-        kw = dict(
-            shape=self.obj_shape, chunks=self.cfg.object.chunks_px,
+        make = create_store if create else open_store
+        return make(
+            self.cfg.object.store.value, self.path, shape=self.obj_shape,
+            chunks=self.cfg.object.chunks_px,
             representation=self.cfg.object.representation.value,
             n_state=len(self.spec.state_names),
-        )
-        if create:
-            return create_store(self.cfg.object.store.value, self.path, **kw)
-        from adorym_dask.storage.object_store import Geometry, initial_value
-
-        chunks = (min(kw["chunks"][0], self.obj_shape[0]), min(kw["chunks"][1], self.obj_shape[1]))
-        geometry = Geometry((*self.obj_shape, 2), chunks, kw["n_state"])
-        return ObjectStore(
-            self.cfg.object.store.value, self.path, geometry, initial_value(kw["representation"])
         )
 
     def _open_existing(self, allow_config_change: bool) -> None:

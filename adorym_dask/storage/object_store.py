@@ -267,6 +267,21 @@ class ObjectStore:
         return out
 
 
+def open_store(
+    kind: str,
+    path: str | Path,
+    *,
+    shape: tuple[int, int, int],
+    chunks: tuple[int, int],
+    representation: str,
+    n_state: int,
+) -> ObjectStore:
+    """The handle of a store whose arrays exist (or are about to be made by create_store)."""
+    chunks = (min(chunks[0], shape[0]), min(chunks[1], shape[1]))
+    geometry = Geometry((*shape, 2), chunks, n_state)
+    return ObjectStore(kind, str(path), geometry, initial_value(representation))
+
+
 def create_store(
     kind: str,
     path: str | Path,
@@ -279,12 +294,14 @@ def create_store(
     """Create the arrays of a store inside an existing (new) run group.
 
     The run group gets ``object`` (the published result, dims ``y, x, z, channel``) and, for
-    disk stores, the two slots of every block's state (``state`` in zarr, or ``_state.h5``).
-    Slot 0 of every block is filled with the start value by :func:`init_block` tasks.
+    disk stores, the two slots of every block's state (``state/blocks`` in zarr, or
+    ``_state.h5``). Slot 0 of every block is filled with the start value by
+    :func:`init_block` tasks.
     """
-    path = str(path)
-    chunks = (min(chunks[0], shape[0]), min(chunks[1], shape[1]))
-    geometry = Geometry((*shape, 2), chunks, n_state)
+    store = open_store(kind, path, shape=shape, chunks=chunks, representation=representation,
+                       n_state=n_state)
+    path, chunks = store.path, store.geometry.chunks
+    geometry = store.geometry
     group = location.open_group(path)
     # No compression: float gradients and Adam moments barely compress, and every update reads
     # and writes its block each minibatch.
@@ -312,7 +329,7 @@ def create_store(
 
         with h5py.File(Path(path) / HDF5_FILE, "w-") as f:
             f.create_dataset(STATE, shape=state_shape, chunks=state_chunks, dtype="float32")
-    return ObjectStore(kind, path, geometry, initial_value(representation))
+    return store
 
 
 def init_block(store: ObjectStore, block: tuple[int, int]):
