@@ -70,3 +70,31 @@ def environ_restored() -> Iterator[None]:
     finally:
         os.environ.clear()
         os.environ.update(saved)
+
+
+def worker_memory(dask_worker) -> dict:  # noqa: ANN001 (distributed.Worker)
+    """Memory evidence of one worker, for ``client.run(worker_memory)``.
+
+    Returns its pid, ``memory_limit``, peak and current RSS (``VmHWM``/``VmRSS`` from
+    ``/proc/self/status``, bytes), status, and the spill counters of its SpillBuffer
+    (``spill_writes`` ever made, ``spilled_bytes`` and ``keys_on_disk`` now).
+    """
+    vm = {}
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            key, _, value = line.partition(":")
+            if key in ("VmHWM", "VmRSS"):
+                vm[key] = int(value.split()[0]) * 1024  # kB
+    data = dask_worker.data
+    metrics = dict(getattr(data, "cumulative_metrics", {}))
+    spilled = getattr(data, "spilled_total", None)
+    return {
+        "pid": os.getpid(),
+        "memory_limit": dask_worker.memory_manager.memory_limit,
+        "peak_rss": vm["VmHWM"],
+        "rss": vm["VmRSS"],
+        "status": str(dask_worker.status),
+        "spill_writes": int(metrics.get(("disk-write", "count"), 0)),
+        "spilled_bytes": int(spilled[0]) if spilled is not None else 0,
+        "keys_on_disk": len(getattr(data, "slow", {})),
+    }

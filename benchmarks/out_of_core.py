@@ -154,28 +154,6 @@ def run_config(data: Path, probe: Path, output: Path, *, shape, block_px: int, s
 # --------------------------------------------------------------------------------------------
 # worker memory evidence
 # --------------------------------------------------------------------------------------------
-def _worker_memory(dask_worker) -> dict:
-    """Run on a worker: its pid, limit, peak/current RSS, status and spill counters."""
-    status = {}
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            key, _, value = line.partition(":")
-            if key in ("VmHWM", "VmRSS"):
-                status[key] = int(value.split()[0]) * 1024  # kB
-    data = dask_worker.data
-    metrics = dict(getattr(data, "cumulative_metrics", {}))
-    return {
-        "pid": os.getpid(),
-        "memory_limit": dask_worker.memory_manager.memory_limit,
-        "peak_rss": status["VmHWM"],
-        "rss": status["VmRSS"],
-        "status": str(dask_worker.status),
-        "spilled_now": int(data.spilled_total[0]) if hasattr(data, "slow") else 0,
-        "disk_writes": int(metrics.get(("disk-write", "count"), 0)),
-        "n_keys_on_disk": len(getattr(data, "slow", {})),
-    }
-
-
 MEMORY_WORDS = ("Pausing worker", "Unmanaged memory use is high", "Start spilling",
                 "exceeded", "Restarting", "memory budget")
 
@@ -195,7 +173,7 @@ class MemoryReport:
 
     @property
     def spilled(self) -> bool:
-        return any(w["disk_writes"] or w["n_keys_on_disk"] for w in self.workers.values())
+        return any(w["spill_writes"] or w["keys_on_disk"] for w in self.workers.values())
 
     @property
     def paused(self) -> bool:
@@ -203,7 +181,9 @@ class MemoryReport:
 
 
 def memory_report(client, pids_before: dict) -> MemoryReport:
-    workers = client.run(_worker_memory)
+    from adorym_dask.cluster import worker_memory
+
+    workers = client.run(worker_memory)
     hits = []
     for where, logs in [*client.get_worker_logs(n=10_000).items(),
                         *client.get_worker_logs(n=10_000, nanny=True).items()]:
@@ -243,7 +223,7 @@ class Timing:
 def run_once(label: str, cfg, n_tiles: int) -> Timing:
     from dask.utils import parse_bytes
 
-    from adorym_dask.cluster import dask_client, environ_restored
+    from adorym_dask.cluster import dask_client, environ_restored, worker_memory
     from adorym_dask.engine import Reconstruction
 
     rec = Reconstruction(cfg)
@@ -254,7 +234,7 @@ def run_once(label: str, cfg, n_tiles: int) -> Timing:
         # a first small task: every worker has imported torch (TorchThreads) and run a task
         client.run(lambda: None)
         pids = client.run(os.getpid)
-        baseline = {a: w["peak_rss"] for a, w in client.run(_worker_memory).items()}
+        baseline = {a: w["peak_rss"] for a, w in client.run(worker_memory).items()}
         marks = [time.perf_counter()]
         rec.run(client, callback=lambda *a: marks.append(time.perf_counter()))
         done = time.perf_counter()
@@ -273,8 +253,8 @@ def print_run(t: Timing) -> None:
         print(f"   worker {i} (pid {w['pid']}): baseline {t.baseline.get(addr, 0) / MIB:.0f} MiB,"
               f" peak RSS {w['peak_rss'] / MIB:7.0f} MiB "
               f"= {100 * w['peak_rss'] / w['memory_limit']:4.1f} % of its limit; RSS at end "
-              f"{w['rss'] / MIB:.0f} MiB; disk writes (spill) {w['disk_writes']}, "
-              f"keys on disk {w['n_keys_on_disk']}")
+              f"{w['rss'] / MIB:.0f} MiB; disk writes (spill) {w['spill_writes']}, "
+              f"keys on disk {w['keys_on_disk']}")
     print(f"   paused: {t.memory.paused}  spilled: {t.memory.spilled}  "
           f"restarted: {t.memory.restarted}")
     for hit in t.memory.log_hits[:10]:

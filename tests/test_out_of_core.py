@@ -25,7 +25,6 @@ Measured 28-57 s on 2 cores, depending on other load (the reconstruction itself 
 
 from __future__ import annotations
 
-import os
 import shutil
 import time
 from pathlib import Path
@@ -33,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from adorym_dask.cluster import environ_restored
+from adorym_dask.cluster import environ_restored, worker_memory
 import torch
 
 from adorym_dask.config import config_from_dict
@@ -77,28 +76,6 @@ def _write_scan(folder: Path, shape: tuple[int, int]) -> tuple[Path, Path]:
     )
     np.save(folder / "probe.npy", probe)
     return Path(data), folder / "probe.npy"
-
-
-def _worker_memory(dask_worker) -> dict:
-    """On a worker: pid, limit, peak and current RSS (``/proc/self/status``), spill counters."""
-    vm = {}
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            key, _, value = line.partition(":")
-            if key in ("VmHWM", "VmRSS"):
-                vm[key] = int(value.split()[0]) * 1024
-    data = dask_worker.data  # a distributed.spill.SpillBuffer
-    return {
-        "pid": os.getpid(),
-        "limit": dask_worker.memory_manager.memory_limit,
-        "peak_rss": vm["VmHWM"],
-        "rss": vm["VmRSS"],
-        "spill_writes": int(data.cumulative_metrics.get(("disk-write", "count"), 0)),
-        "spilled_bytes": int(data.spilled_total[0]),
-        "keys_on_disk": len(data.slow),
-    }
-
-
 
 
 def test_tile_group_boxes_stay_near_their_tiles():
@@ -151,14 +128,14 @@ def test_object_store_four_times_worker_memory(tmp_path):
     ) as cluster, Client(cluster) as client:
         client.wait_for_workers(2)
         run(warm, client)  # every worker has now run gradient, update and publish tasks
-        before = client.run(_worker_memory)
+        before = client.run(worker_memory)
         # The warm-up has one tile group: only the worker that ran it has torch's gradient
         # working set. Both processes are alike, so the warm baseline is the larger of the two.
         baseline = max(w["peak_rss"] for w in before.values())
         t1 = time.perf_counter()
         result = run(cfg, client)
         elapsed = time.perf_counter() - t1
-        after = client.run(_worker_memory)
+        after = client.run(worker_memory)
         logs = [
             msg
             for nanny in (False, True)
@@ -169,7 +146,7 @@ def test_object_store_four_times_worker_memory(tmp_path):
 
     report = {
         addr: f"after warm-up {before[addr]['peak_rss'] / MIB:.0f} MiB, peak "
-        f"{w['peak_rss'] / MIB:.0f} MiB of {w['limit'] / MIB:.0f} MiB"
+        f"{w['peak_rss'] / MIB:.0f} MiB of {w['memory_limit'] / MIB:.0f} MiB"
         for addr, w in after.items()
     }
     print(f"object {object_bytes / MIB:.0f} MiB; warm baseline {baseline / MIB:.0f} MiB; run "
@@ -192,7 +169,7 @@ def test_object_store_four_times_worker_memory(tmp_path):
     # none paused, none spilled anything (the object, or any task result)
     assert not [m for m in logs if PAUSED in m]
     for addr, w in after.items():
-        assert w["limit"] == LIMIT
+        assert w["memory_limit"] == LIMIT
         assert w["spill_writes"] == 0 and w["spilled_bytes"] == 0 and w["keys_on_disk"] == 0, (
             addr, w)
         # peak RSS stayed under the limit, indeed under the pause threshold
