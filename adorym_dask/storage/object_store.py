@@ -282,26 +282,21 @@ def open_store(
     return ObjectStore(kind, str(path), geometry, initial_value(representation))
 
 
-def create_store(
-    kind: str,
-    path: str | Path,
-    *,
-    shape: tuple[int, int, int],
-    chunks: tuple[int, int],
-    representation: str,
-    n_state: int,
-) -> ObjectStore:
+def create_store(kind: str, path: str | Path, **layout) -> ObjectStore:
     """Create the arrays of a store inside an existing (new) run group.
+
+    ``layout`` is the keyword arguments of :func:`open_store` (shape, chunks, representation,
+    n_state); the handle it returns is returned here.
 
     The run group gets ``object`` (the published result, dims ``y, x, z, channel``) and, for
     disk stores, the two slots of every block's state (``state/blocks`` in zarr, or
     ``_state.h5``). Slot 0 of every block is filled with the start value by
     :func:`init_block` tasks.
     """
-    store = open_store(kind, path, shape=shape, chunks=chunks, representation=representation,
-                       n_state=n_state)
-    path, chunks = store.path, store.geometry.chunks
-    geometry = store.geometry
+    store = open_store(kind, path, **layout)
+    path, geometry = store.path, store.geometry
+    chunks, shape = geometry.chunks, layout["shape"]
+    representation, n_state = layout["representation"], geometry.n_state
     group = location.open_group(path)
     # No compression: float gradients and Adam moments barely compress, and every update reads
     # and writes its block each minibatch.
