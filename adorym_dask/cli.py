@@ -7,18 +7,23 @@ import sys
 from pathlib import Path
 
 from adorym_dask.config import ConfigError
+from adorym_dask.engine import DivergenceError
 from adorym_dask.parameters import ProbeError
 from adorym_dask.storage.checkpoint import CheckpointError
 from adorym_dask.storage.measurements import MeasurementError
 from adorym_dask.storage.object_store import StoreError
 from adorym_dask.storage.results import OutputError
+from adorym_dask.storage.support import SupportError
 
-USER_ERRORS = (ConfigError, MeasurementError, OutputError, ProbeError, CheckpointError, StoreError)
+USER_ERRORS = (
+    ConfigError, MeasurementError, OutputError, ProbeError, CheckpointError, StoreError,
+    SupportError, DivergenceError,
+)
 
 
 def _reconstruct(args: argparse.Namespace) -> int:
     from adorym_dask.api import reconstruct
-    from adorym_dask.plotting import save_summary_png
+    from adorym_dask.plotting import save_run_pngs
 
     result = reconstruct(
         args.config, overrides=args.set, resume=args.resume,
@@ -26,12 +31,8 @@ def _reconstruct(args: argparse.Namespace) -> int:
     )
     print(f"wrote {result.output}  (final loss {result.loss[-1]:.5g})")
     if args.png:
-        ds_attrs = result.open().attrs
-        png = save_summary_png(
-            args.png, obj=result.object(), representation=ds_attrs["representation"],
-            probe=result.probe, loss=result.loss,
-        )
-        print(f"wrote {png}")
+        for png in save_run_pngs(args.png, result):
+            print(f"wrote {png}")
     return 0
 
 

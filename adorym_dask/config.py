@@ -8,6 +8,7 @@ A minimal run file::
     data: {path: scan.cxi}
     model: {kind: ptychography, probe_modes: 1, slices: 1}
     probe: {init: from_data}
+    refine: {positions: {start_epoch: 2}}     # the probe is refined by default
     epochs: 20
     output: run.zarr
 """
@@ -24,6 +25,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    SerializeAsAny,
     ValidationError,
     field_validator,
     model_validator,
@@ -58,32 +60,72 @@ class DataConfig(_Strict):
 
 class LossKind(str, enum.Enum):
     lsq = "lsq"  # least squares on amplitudes [eq. 4]
-    poisson = "poisson"  # Poisson maximum likelihood [eq. 5]
+    poisson = "poisson"  # Poisson maximum likelihood [eq. 5], reported as its deviance
 
 
 class ModelConfig(_Strict):
+    """Keys every model shares. A model adds its own by registering a subclass (see
+    :mod:`adorym_dask.registry`); ``model:`` is validated against the class of its ``kind``."""
+
     kind: str = Field("ptychography", description="a registered forward model")
-    probe_modes: int = Field(1, ge=1)
-    slices: int = Field(1, ge=1)
-    slice_spacing_m: float | None = Field(
-        None, gt=0, description="distance between slices; required when slices > 1"
-    )
     loss: LossKind = LossKind.lsq
 
-    @field_validator("kind")
-    @classmethod
-    def _registered(cls, v: str) -> str:
-        from adorym_dask.registry import model_names
 
-        if v not in model_names():
-            raise ValueError(f"unknown model {v!r}; registered models: {sorted(model_names())}")
-        return v
+class PtychographyConfig(ModelConfig):
+    """``model:`` keys of far-field ptychography (multislice, incoherent probe modes)."""
+
+    probe_modes: int = Field(1, ge=1)
+    slices: int = Field(1, ge=1)
+    slice_spacings_m: list[Annotated[float, Field(gt=0)]] | None = Field(
+        None, description="free-space distance between consecutive slices, one per gap "
+        "(slices - 1 values; unequal spacings allowed); refinable as refine.slice_spacings",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "slice_spacing_m" in data:
+            raise ValueError(
+                "model.slice_spacing_m was replaced by model.slice_spacings_m, a list with one "
+                "distance per gap between slices, e.g. slice_spacings_m: [2.0e-6]"
+            )
+        return data
 
     @model_validator(mode="after")
-    def _spacing_for_multislice(self) -> ModelConfig:
-        if self.slices > 1 and self.slice_spacing_m is None:
-            raise ValueError("model.slice_spacing_m is required when model.slices > 1")
+    def _spacing_for_multislice(self) -> PtychographyConfig:
+        gaps = self.slices - 1
+        if gaps and self.slice_spacings_m is None:
+            raise ValueError(
+                f"model.slice_spacings_m is required when model.slices > 1: give {gaps} "
+                "distance(s) in metres, one per gap between slices"
+            )
+        if self.slice_spacings_m is not None and len(self.slice_spacings_m) != gaps:
+            raise ValueError(
+                f"model.slice_spacings_m has {len(self.slice_spacings_m)} value(s) but "
+                f"model.slices = {self.slices} has {gaps} gap(s); give one distance per gap"
+            )
         return self
+
+
+def _model_config(value: Any) -> ModelConfig:
+    """Validate ``model:`` against the config class registered for its ``kind``."""
+    if isinstance(value, ModelConfig):
+        return value
+    if value is None:
+        value = {}
+    if not isinstance(value, dict):
+        raise ValueError("model must be a mapping of keys, e.g. {kind: ptychography}")
+    from adorym_dask.registry import model_config_class, model_names
+
+    kind = value.get("kind", "ptychography")
+    if kind not in model_names():
+        raise ValueError(
+            f"model.kind: unknown model {kind!r}; registered models: {sorted(model_names())}"
+        )
+    try:
+        return model_config_class(kind).model_validate(value)
+    except ValidationError as err:
+        raise ValueError(_error_lines(err, prefix="model.")) from None
 
 
 class ProbeInit(str, enum.Enum):
@@ -92,17 +134,34 @@ class ProbeInit(str, enum.Enum):
     aperture = "aperture"
 
 
+_MOVED_PROBE_KEYS = {
+    "refine": "the probe is refined by default; 'refine: {probe: null}' holds it fixed",
+    "refine_start_epoch": "use 'refine: {probe: {start_epoch: N}}' (0-based)",
+    "step_size": "use 'refine: {probe: {step_size: S}}' (a fraction of max |probe|)",
+}
+
+
 class ProbeConfig(_Strict):
+    """How the probe starts; how it is refined is under ``refine.probe``."""
+
     init: ProbeInit = ProbeInit.from_data
     path: Path | None = Field(None, description=".npy file, complex [py, px] or [modes, py, px]")
     aperture_radius_px: float = Field(16.0, gt=0)
     aperture_inner_radius_px: float = Field(0.0, ge=0)
     defocus_m: float = 0.0
-    refine: bool = True
-    refine_start_epoch: int = Field(1, ge=0, description="first epoch (0-based) that updates it")
-    step_size: float = Field(
-        0.01, gt=0, description="Adam step as a fraction of the initial max |probe|"
+    mode_noise: float = Field(
+        0.5, ge=0, description="extra modes start as mode 0 plus complex Gaussian noise of "
+        "this rms relative to mode 0's rms, then are orthogonalised",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for key, where in _MOVED_PROBE_KEYS.items():
+                if key in data:
+                    raise ValueError(f"probe.{key} moved to the refine section: {where}")
+        return data
 
     @model_validator(mode="after")
     def _path_for_file(self) -> ProbeConfig:
@@ -122,6 +181,23 @@ class StoreKind(str, enum.Enum):
     memory = "memory"  # the paper's DO mode: blocks in the workers' memory
 
 
+class Constraint(str, enum.Enum):
+    none = "none"
+    phase_only = "phase_only"  # |T| = 1 (real_imag) or beta = 0 (delta_beta)
+    absorption_only = "absorption_only"  # T real and >= 0 (real_imag) or delta = 0
+
+
+class ShrinkwrapConfig(_Strict):
+    """Shrink-wrap: every ``every_epochs`` the support becomes the pixels where the blurred
+    object contrast (|T - 1|, or |delta| + |beta|) exceeds ``threshold`` times its maximum over
+    the slice, intersected with the support it started from."""
+
+    every_epochs: int = Field(5, ge=1)
+    start_epoch: int = Field(5, ge=0)
+    sigma_px: float = Field(2.0, gt=0)
+    threshold: float = Field(0.1, gt=0, lt=1)
+
+
 class ObjectConfig(_Strict):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
 
@@ -135,7 +211,17 @@ class ObjectConfig(_Strict):
     )
     store: StoreKind = StoreKind.zarr
     slice_thickness_m: float | None = Field(
-        None, gt=0, description="delta_beta thickness per slice; default slice spacing or pixel size"
+        None, gt=0, description="delta_beta thickness per slice; default the mean slice "
+        "spacing (dense multislice) or the pixel size (one slice)",
+    )
+    support_path: Path | None = Field(
+        None, description=".npy bool [n_y, n_x] or [n_y, n_x, n_z]: True inside the finite "
+        "support; outside it the transmission is 1 (delta = beta = 0)",
+    )
+    shrinkwrap: ShrinkwrapConfig | None = None
+    constraint: Constraint = Constraint.none
+    non_negative: bool = Field(
+        False, description="delta_beta: clip delta and beta at 0 after every update"
     )
 
     @field_validator("chunks_px", "shape_px")
@@ -145,23 +231,100 @@ class ObjectConfig(_Strict):
             raise ValueError("must be positive")
         return v
 
+    @model_validator(mode="after")
+    def _consistent(self) -> ObjectConfig:
+        if self.non_negative and self.representation is not Representation.delta_beta:
+            raise ValueError(
+                "object.non_negative needs object.representation: delta_beta (it clips delta "
+                "and beta); for real_imag use object.constraint"
+            )
+        return self
+
+
+class RegularizerKind(str, enum.Enum):
+    l1 = "l1"
+    reweighted_l1 = "reweighted_l1"
+    tv = "tv"
+
+
+class RegularizerConfig(_Strict):
+    """One term ``weight[slice] * R(x)`` added to every minibatch's loss.
+
+    ``R`` acts on (delta, beta), or on the transmission minus 1 for real_imag objects, so it
+    pulls towards vacuum, never towards an opaque object; it is a sum over object pixels.
+    """
+
+    kind: RegularizerKind
+    weight: float | list[float] = Field(
+        ..., description="one weight, or one per slice"
+    )
+    eps: float = Field(
+        1e-3, gt=0, description="smoothing of |.| (l1, tv) and the reweighting floor"
+    )
+
+    @field_validator("weight")
+    @classmethod
+    def _non_negative(cls, v: float | list[float]) -> float | list[float]:
+        values = v if isinstance(v, list) else [v]
+        if not values or min(values) < 0:
+            raise ValueError("weights must be >= 0 (one, or one per slice)")
+        return v
+
 
 class OptimizerName(str, enum.Enum):
     adam = "adam"
     gd = "gd"
+    momentum = "momentum"  # Nesterov
 
 
 class OptimizerConfig(_Strict):
+    """The object's optimizer.
+
+    ``step_size`` for ``adam`` is the step of each value in the object's unit (transmission, or
+    delta/beta); for ``gd`` and ``momentum`` it is a fraction of ``1/L``, the step allowed by
+    the data term's curvature ``L`` under the current probe (ePIE's ``alpha``).
+    """
+
     name: OptimizerName = OptimizerName.adam
     step_size: float | None = Field(
         None,
         gt=0,
-        description="default: 0.03 for real_imag; for delta_beta the delta/beta step that "
-        "shifts a slice's phase by 0.03 rad",
+        description="default: adam 0.03 for real_imag, and for delta_beta the step that "
+        "shifts a slice's phase by 0.03 rad; gd 0.5 and momentum 0.1 of 1/L",
     )
     beta1: float = Field(0.9, ge=0, lt=1)
     beta2: float = Field(0.999, ge=0, lt=1)
     eps: float = Field(1e-8, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1, description="Nesterov momentum of 'momentum'")
+
+
+class RefineConfig(_Strict):
+    """How one parameter is refined; every key is optional.
+
+    ``start_epoch`` is 0-based and ``stop_epoch`` exclusive; ``step_size`` is in the
+    parameter's own unit (px for positions, m for spacings, a fraction of max |probe| for the
+    probe). A parameter may take keys of its own (``max_shift_px`` for positions); those are
+    checked against the model's declaration when the run starts.
+    """
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+
+    optimizer: OptimizerName | None = None
+    step_size: float | None = Field(None, gt=0)
+    start_epoch: int | None = Field(None, ge=0)
+    stop_epoch: int | None = Field(None, ge=1)
+    every_epochs: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _window(self) -> RefineConfig:
+        if (self.start_epoch is not None and self.stop_epoch is not None
+                and self.stop_epoch <= self.start_epoch):
+            raise ValueError("stop_epoch (exclusive) must be greater than start_epoch")
+        return self
+
+    def options(self) -> dict[str, Any]:
+        """The parameter-specific keys (everything beyond the common ones)."""
+        return dict(self.model_extra or {})
 
 
 class Scheduler(str, enum.Enum):
@@ -182,10 +345,18 @@ class ClusterConfig(_Strict):
 
 class RunConfig(_Strict):
     data: DataConfig
-    model: ModelConfig = ModelConfig()
+    model: Annotated[SerializeAsAny[ModelConfig], BeforeValidator(_model_config)] = Field(
+        default_factory=lambda: PtychographyConfig()
+    )
     probe: ProbeConfig = ProbeConfig()
     object: ObjectConfig = ObjectConfig()
     optimizer: OptimizerConfig = OptimizerConfig()
+    refine: dict[str, RefineConfig | None] = Field(
+        default_factory=dict,
+        description="parameters to refine besides the object, by name (the output name "
+        "without its unit suffix); the probe is refined unless 'probe: null'",
+    )
+    regularizers: list[RegularizerConfig] = Field(default_factory=list)
     epochs: int = Field(20, ge=1)
     minibatch_size: int = Field(32, ge=1, description="tiles per optimizer step")
     tile_group_size: int = Field(8, ge=1, description="tiles per gradient task")
@@ -200,6 +371,17 @@ class RunConfig(_Strict):
     overwrite: bool = False
     cluster: ClusterConfig = ClusterConfig()
     progress: bool = True
+
+    @model_validator(mode="after")
+    def _regularizer_weights(self) -> RunConfig:
+        n_slices = getattr(self.model, "slices", 1)
+        for i, reg in enumerate(self.regularizers):
+            if isinstance(reg.weight, list) and len(reg.weight) != n_slices:
+                raise ValueError(
+                    f"regularizers.{i}.weight has {len(reg.weight)} values but the object has "
+                    f"{n_slices} slice(s); give one weight, or one per slice"
+                )
+        return self
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
@@ -223,17 +405,25 @@ def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return tree
 
 
-def _format_validation_error(err: ValidationError, source: str) -> str:
-    lines = [f"invalid configuration in {source}:"]
+def _error_lines(err: ValidationError, *, prefix: str = "") -> str:
+    lines = []
     for e in err.errors():
-        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        where = prefix + ".".join(str(p) for p in e["loc"]) if e["loc"] else ""
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown key (check its spelling against the documented keys)"
         elif e["type"] == "missing":
             msg = "required key is missing"
-        lines.append(f"  {where}: {msg}")
-    return "\n".join(lines)
+        elif msg.startswith("Value error, "):
+            msg = msg[len("Value error, "):]
+        if where and msg.startswith((f"{where}.", f"{where}:")):
+            where = ""  # a nested model's message already names the full key
+        lines.append(f"{where}: {msg}" if where else msg)
+    return "\n  ".join(lines)
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    return f"invalid configuration in {source}:\n  " + _error_lines(err)
 
 
 def config_from_dict(
@@ -260,6 +450,8 @@ def _resolve_paths(cfg: RunConfig, base: Path) -> RunConfig:
     cfg.output = str(fix(Path(cfg.output))) if "://" not in cfg.output else cfg.output
     if cfg.probe.path is not None:
         cfg.probe.path = fix(cfg.probe.path)
+    if cfg.object.support_path is not None:
+        cfg.object.support_path = fix(cfg.object.support_path)
     return cfg
 
 

@@ -1,22 +1,27 @@
 """The reconstruction loop: epochs of minibatches, each a Dask graph (see ``graphs/``).
 
-The driver holds only small things (probe, loss, plan, where each block's state is); the object
-and its optimizer state live in the object store and are read and written by the tasks. The
-same loop runs on a cluster and under the synchronous scheduler: only the ``scheduler`` handed
-to Dask differs.
+The driver holds only small things: the model's parameters (probe, positions, slice
+spacings, ...) with their optimizer state, the loss, the plan, where each block's state is and
+how many steps each block has taken. The object and its optimizer state live in the object
+store and are read and written by the tasks. The same loop runs on a cluster and under the
+synchronous scheduler: only the ``scheduler`` handed to Dask differs.
 
-Each minibatch ends with a commit: once every update of the minibatch has finished, the driver
-records where each block's new state is and (disk stores) writes a checkpoint. A run killed at
-any moment resumes from its last commit (``--resume``) and ends with the same result as an
-uninterrupted one. A lost worker costs nothing: Dask reruns its tasks, whose inputs were never
-overwritten (see :mod:`adorym_dask.storage.object_store`); the memory store, whose blocks die
-with their worker, goes back to its last checkpoint and replays.
+Each minibatch ends with a commit: once every update of the minibatch has finished (each has
+put its bytes on stable storage, see :mod:`adorym_dask.storage.durability`) and the minibatch's
+loss and parameters are finite, the driver records where each block's new state is and
+(disk stores) writes a checkpoint. A run killed at any moment resumes from its last commit
+(``--resume``) and ends with the same result as an uninterrupted one. A lost worker costs
+nothing: Dask reruns its tasks, whose inputs were never overwritten (see
+:mod:`adorym_dask.storage.object_store`); the memory store, whose blocks die with their worker,
+goes back to its last checkpoint and replays. Every Dask key carries the run's token, so runs
+sharing a scheduler never exchange results.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,10 +34,25 @@ from distributed.client import futures_of
 from tqdm.auto import tqdm
 
 from adorym_dask.cluster import dask_client
-from adorym_dask.config import RunConfig, config_from_dict
+from adorym_dask.config import ConfigError, RunConfig, config_from_dict
 from adorym_dask.graphs.minibatch import build_minibatch, epoch_minibatches, plan_tile_groups
-from adorym_dask.optimizers import OptimizerSpec, ParameterState
-from adorym_dask.parameters import initial_probe
+from adorym_dask.graphs.tasks import TileGroup, box_holds, group_box, grow_box
+from adorym_dask.layout import (
+    load_measurements,
+    object_layout,
+    object_learning_rate,
+    object_optimizer,
+    object_rules,
+)
+from adorym_dask.parameters import mode_power_fractions
+from adorym_dask.refinement import (
+    PositionBounds,
+    apply_gradients,
+    group_rows,
+    plan_refinements,
+    shared_values,
+    start_states,
+)
 from adorym_dask.registry import model_builder
 from adorym_dask.storage import location, results
 from adorym_dask.storage.checkpoint import (
@@ -42,12 +62,7 @@ from adorym_dask.storage.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from adorym_dask.storage.measurements import (
-    MeasurementError,
-    Measurements,
-    check_positions_inside,
-    open_measurements,
-)
+from adorym_dask.storage.measurements import MeasurementError
 from adorym_dask.storage.object_store import (
     OBJECT,
     BlockRef,
@@ -57,11 +72,16 @@ from adorym_dask.storage.object_store import (
     init_block,
     open_store,
 )
+from adorym_dask.storage.support import create_support, init_support_block, load_support_file
+from adorym_dask.shrinkwrap import shrinkwrap
 
 log = logging.getLogger(__name__)
-FORMATS = {"auto": None, "native": None, "cxi": "cxi", "adorym": "adorym_h5"}
-DEFAULT_PHASE_STEP_RAD = 0.03  # measured: converges fastest among 0.01/0.03/0.1 on simulations
 MAX_RECOVERIES = 3
+DIVERGENCE_FACTOR = 1000.0  # an epoch's loss this many times the first epoch's stops the run
+
+
+class DivergenceError(RuntimeError):
+    """The loss became NaN/inf or grew far above its start: the step sizes are too large."""
 
 
 @dataclass
@@ -70,8 +90,18 @@ class RunResult:
 
     output: Path | str
     loss: list[float]
-    probe: np.ndarray
+    params: dict[str, np.ndarray]
     position_offset_px: np.ndarray = field(default_factory=lambda: np.zeros(2))
+
+    @property
+    def probe(self) -> np.ndarray:
+        """The probe ``[M, py, px]`` complex (models that have one)."""
+        return self.params["probe"]
+
+    @property
+    def positions_px(self) -> np.ndarray:
+        """Positions ``[n_angles, n_tiles, 2]`` in the input file's frame."""
+        return self.params["positions"] - self.position_offset_px
 
     def open(self):
         """The run store as an ``xarray.Dataset``."""
@@ -82,52 +112,6 @@ class RunResult:
     def object(self) -> np.ndarray:
         """The object ``[n_y, n_x, n_z, 2]`` (loads it whole)."""
         return np.asarray(location.open_array(str(self.output), OBJECT, mode="r")[...])
-
-
-def load_measurements(cfg: RunConfig) -> Measurements:
-    d = cfg.data
-    return open_measurements(
-        d.path,
-        fmt=FORMATS[d.format.value],
-        energy_ev=d.energy_ev,
-        pixel_size_m=d.pixel_size_m,
-        detector_distance_m=d.detector_distance_m,
-        check_values=d.check_values,
-    )
-
-
-def object_layout(cfg: RunConfig, meas: Measurements) -> tuple[np.ndarray, tuple[int, int], np.ndarray]:
-    """Positions in object pixels, the object's (n_y, n_x), and the offset applied.
-
-    With ``object.shape_px`` the positions are used as given and must lie inside. Without it
-    the object is the smallest box holding every tile plus ``object.margin_px`` on each side.
-    """
-    pos = meas.positions_px
-    if cfg.object.shape_px is not None:
-        shape = tuple(cfg.object.shape_px)
-        offset = np.zeros(2)
-    else:
-        offset = cfg.object.margin_px - np.floor(pos.reshape(-1, 2).min(axis=0))
-        far = np.ceil(pos.reshape(-1, 2) + offset).max(axis=0) + np.asarray(meas.det_shape)
-        shape = tuple(int(v) + cfg.object.margin_px for v in far)
-    pos = pos + offset
-    check_positions_inside(pos, meas.det_shape, shape)
-    return pos, shape, offset
-
-
-def object_step_size(cfg: RunConfig, model) -> float:
-    """The object's step size: the configured one, or 0.03 rad of phase per step.
-
-    For real/imag objects a step of 0.03 in transmission moves the phase of a unit-magnitude
-    pixel by about 0.03 rad; for delta/beta it is the delta step whose phase shift over one
-    slice, k delta L, is 0.03 rad.
-    """
-    if cfg.optimizer.step_size is not None:
-        return cfg.optimizer.step_size
-    if cfg.object.representation.value == "real_imag":
-        return DEFAULT_PHASE_STEP_RAD
-    k = 2 * math.pi / model.wavelength_m
-    return DEFAULT_PHASE_STEP_RAD / (k * model.slice_thickness_m)
 
 
 def _recoverable() -> tuple[type[BaseException], ...]:
@@ -148,7 +132,7 @@ def _persist(scheduler, *collections):
 
 
 class Reconstruction:
-    """State of one run on the driver: the plan, the probe, where each block is, the history.
+    """State of one run on the driver: the plan, the parameters, where each block is, the history.
 
     Parameters
     ----------
@@ -165,39 +149,60 @@ class Reconstruction:
     ) -> None:
         self.cfg = cfg
         self.meas = load_measurements(cfg)
-        self.positions, shape, self.offset = object_layout(cfg, self.meas)
         self.model = model_builder(cfg.model.kind)(cfg, self.meas)
-        o = cfg.optimizer
-        self.spec = OptimizerSpec(
-            o.name.value, object_step_size(cfg, self.model), o.beta1, o.beta2, o.eps
-        )
-        group_size = min(cfg.tile_group_size, cfg.minibatch_size)
-        self.groups = plan_tile_groups(self.positions, self.meas.det_shape, group_size)
+        self.specs = self.model.parameter_specs()
+        self.spec = object_optimizer(cfg, self.model)
+        self.rules = object_rules(cfg)
         self.path = str(cfg.output)
-        self.obj_shape = (*shape, cfg.model.slices)
+        self.token = uuid.uuid4().hex[:12]  # part of every Dask key: runs never share keys
         self.sources: dict | None = None
         self.n_checkpoints = 0
         self.recoveries = 0  # part of every task key: a replay must not reuse erred keys
-        if resume:
-            self._open_existing(allow_config_change)
+        ck = self._check_resume(allow_config_change) if resume else None
+        initial = ck.initial if ck is not None else self._initial_values()
+        self.refinements = plan_refinements(cfg, self.specs, initial)
+        moves = self.refinements.get("positions")
+        self.max_shift = moves.options["max_shift_px"] if moves is not None else 0.0
+        shape, self.offset = object_layout(cfg, self.meas, movement_px=self.max_shift)
+        self.obj_shape = (*shape, getattr(cfg.model, "slices", 1))
+        if ck is None:
+            initial["positions"] = initial["positions"] + self.offset
+        self.initial = initial
+        self.halo = int(math.ceil(self.max_shift))
+        det = np.asarray(self.meas.det_shape, np.float64)
+        self.bounds = PositionBounds(
+            initial["positions"], self.max_shift, np.zeros(2), np.asarray(shape) - det
+        )
+        group_size = min(cfg.tile_group_size, cfg.minibatch_size)
+        self.groups = plan_tile_groups(
+            initial["positions"], self.meas.det_shape, group_size, halo=self.halo, shape=shape
+        )
+        if ck is not None:
+            self._open_existing(ck)
         else:
             self._create_new()
 
     # -- set-up -----------------------------------------------------------------------------------
-    def _probe_spec(self, probe: np.ndarray) -> OptimizerSpec:
-        return OptimizerSpec("adam", self.cfg.probe.step_size * float(np.abs(probe).max()))
+    def _initial_values(self) -> dict[str, np.ndarray]:
+        values = self.model.initial_parameters(self.cfg, self.meas)
+        missing = sorted(set(self.specs) - set(values))
+        if missing or "positions" not in values:
+            raise ConfigError(
+                f"model {self.cfg.model.kind!r} declares {sorted(self.specs)} but gives start "
+                f"values for {sorted(values)}; every model needs 'positions'"
+            )
+        return values
 
     def _create_new(self) -> None:
         cfg = self.cfg
-        probe = initial_probe(cfg.probe, self.meas, n_modes=cfg.model.probe_modes, seed=cfg.seed)
-        self.probe_spec = self._probe_spec(probe)
-        self.probe_state = ParameterState.start(probe, self.probe_spec)
+        self.params = start_states(self.initial, self.specs, self.refinements)
         results.check_output(self.path, overwrite=cfg.overwrite)
         location.open_group(self.path, mode="w" if cfg.overwrite else "w-")
         self.store = self._make_store(create=True)
         self.epoch, self.batch, self.step = 0, 0, 0
         self.loss: list[float] = []
         self.epoch_loss = (0.0, 0)
+        self.block_steps = np.zeros(self.store.geometry.n_blocks, np.int64)
         self._write_metadata()
 
     def _make_store(self, *, create: bool) -> ObjectStore:
@@ -206,19 +211,45 @@ class Reconstruction:
             self.cfg.object.store.value, self.path, shape=self.obj_shape,
             chunks=self.cfg.object.chunks_px,
             representation=self.cfg.object.representation.value,
-            n_state=len(self.spec.state_names),
+            n_state=len(self.spec.state_names), token=self.store_token,
         )
 
-    def _open_existing(self, allow_config_change: bool) -> None:
+    @property
+    def store_token(self) -> str:
+        """The token of the run store: this run's for a new one, the stored one on resume."""
+        return getattr(self, "_store_token", self.token)
+
+    def _check_resume(self, allow_config_change: bool) -> Checkpoint:
+        """The stored run's last commit, if this config may continue it."""
         ck = load_checkpoint(self.path)
-        diffs = config_differences(ck.config, self.cfg.model_dump(mode="json"))
+        new = self.cfg.model_dump(mode="json")
+        diffs = config_differences(ck.config, new)
         if diffs and not allow_config_change:
             raise CheckpointError(
                 f"the config differs from the one {self.path} was run with: "
                 + "; ".join(diffs)
                 + ". Restore those values, or resume anyway with --allow-config-change"
             )
+        old_opt = ck.config["optimizer"]["name"]
+        if old_opt != new["optimizer"]["name"]:
+            raise CheckpointError(
+                f"optimizer.name: {old_opt} -> {new['optimizer']['name']}: the object's optimizer "
+                "state is stored with every block and cannot change in a resumed run; resume with "
+                f"optimizer.name: {old_opt}, or start a new run"
+            )
+        if ck.batch > 0:
+            for key in ("minibatch_size", "tile_group_size", "seed"):
+                if ck.config[key] != new[key]:
+                    raise CheckpointError(
+                        f"{key}: {ck.config[key]} -> {new[key]} in the middle of epoch {ck.epoch} "
+                        f"(after minibatch {ck.batch}) would skip or repeat tiles; resume with "
+                        f"{key}: {ck.config[key]} (it may change at the start of an epoch)"
+                    )
+        return ck
+
+    def _open_existing(self, ck: Checkpoint) -> None:
         results.check_writable(self.path)
+        self._store_token = location.open_group(self.path, mode="r").attrs.get("run_token", "")
         self.store = self._make_store(create=False)
         stored = location.open_array(self.path, OBJECT, mode="r").shape
         if tuple(stored) != self.store.shape:
@@ -231,8 +262,19 @@ class Reconstruction:
     def _restore(self, ck: Checkpoint) -> None:
         self.epoch, self.batch, self.step = ck.epoch, ck.batch, ck.step
         self.loss, self.epoch_loss = list(ck.loss), tuple(ck.epoch_loss)
-        self.probe_spec = OptimizerSpec("adam", ck.probe_step_size)
-        self.probe_state = ParameterState(ck.probe, ck.probe_state, ck.probe_step)
+        self.params = {}
+        for name, ps in ck.params.items():
+            r = self.refinements.get(name)
+            if r is not None and set(ps.state) - {"gscale"} != set(r.optimizer.state_names):
+                log.warning("refine.%s: optimizer changed to %s; its state starts afresh",
+                            name, r.optimizer.name)
+                ps = ps.reset(r.optimizer)
+            self.params[name] = ps
+        self.block_steps = np.array(ck.block_steps)
+        if ck.boxes is not None and len(ck.boxes) == len(self.groups):
+            # the plan's boxes as committed (a box regrown for a tile that moved stays grown)
+            self.groups = [TileGroup(g.index, g.angle, g.tiles, tuple(int(v) for v in box))
+                           for g, box in zip(self.groups, ck.boxes)]
         self.sources = (
             None if (ck.slots < 0).any()
             else {b: BlockRef(int(ck.slots[b])) for b in self.store.all_blocks()}
@@ -242,10 +284,12 @@ class Reconstruction:
             self.n_checkpoints = 1 - int(ck.slots.flat[0])
 
     def _write_metadata(self) -> None:
-        spacing = self.cfg.model.slice_spacing_m or self.meas.pixel_size_m
+        spacings = self.initial.get("slice_spacings", np.zeros(0))
+        z = np.concatenate([[0.0], np.cumsum(spacings)]) if len(spacings) else (
+            np.arange(self.obj_shape[2]) * self.meas.pixel_size_m
+        )
         results.write_coordinates(
-            self.path, shape=self.obj_shape, pixel_size_m=self.meas.pixel_size_m,
-            slice_spacing_m=spacing,
+            self.path, shape=self.obj_shape[:2], pixel_size_m=self.meas.pixel_size_m, z_m=z
         )
         results.write_attrs(self.path, {
             "config": self.cfg.model_dump(mode="json"),
@@ -256,15 +300,41 @@ class Reconstruction:
             "pixel_size_m": self.meas.pixel_size_m,
             "position_offset_px": self.offset.tolist(),
             "data_path": str(self.meas.source.path),
+            "run_token": self.token,
+            "refined": sorted(self.refinements),
         })
-        results.write_progress(self.path, probe=self.probe, loss=[])
+        if self.rules is not None and self.rules.support:
+            create_support(self.path, self.obj_shape, self.store.geometry.chunks)
+        self._write_parameters()
 
-    # -- commits ----------------------------------------------------------------------------------
+    # -- parameters -------------------------------------------------------------------------------
+    def values(self) -> dict[str, np.ndarray]:
+        """Every parameter's current value (positions in the object's frame)."""
+        return {name: ps.value for name, ps in self.params.items()}
+
     @property
     def probe(self) -> np.ndarray:
         """Current probe ``[M, py, px]`` complex64."""
-        return self.probe_state.value
+        return self.params["probe"].value
 
+    def _in_file_frame(self, name: str, value: np.ndarray) -> np.ndarray:
+        return value - self.offset if name == "positions" else value
+
+    def _write_parameters(self) -> None:
+        """Every parameter, ``<name>_initial`` beside each refined one, and the probe's mode
+        powers, in the run store."""
+        for name, spec in self.specs.items():
+            value = self._in_file_frame(name, self.params[name].value)
+            results.write_array(self.path, spec.output, value, spec.dims)
+            if name in self.refinements:
+                start = self._in_file_frame(name, self.initial[name])
+                results.write_array(self.path, f"{spec.output}_initial", start, spec.dims)
+        if "probe" in self.params:
+            results.write_array(
+                self.path, "probe_mode_power", mode_power_fractions(self.probe), ["mode"]
+            )
+
+    # -- commits ----------------------------------------------------------------------------------
     def _slots(self) -> np.ndarray:
         slots = np.full(self.store.geometry.n_blocks, -1, np.int8)
         if self.sources is not None and self.store.on_disk:
@@ -276,10 +346,10 @@ class Reconstruction:
         """Write the checkpoint naming the current (finished) state of every block."""
         save_checkpoint(self.path, Checkpoint(
             config=self.cfg.model_dump(mode="json"), epoch=self.epoch, batch=self.batch,
-            step=self.step, loss=self.loss, epoch_loss=self.epoch_loss, probe=self.probe,
-            probe_state=self.probe_state.state, probe_step=self.probe_state.step,
-            slots=self._slots() if slots is None else slots,
-            probe_step_size=self.probe_spec.step_size,
+            step=self.step, loss=self.loss, epoch_loss=self.epoch_loss, params=self.params,
+            initial=self.initial, slots=self._slots() if slots is None else slots,
+            block_steps=self.block_steps,
+            boxes=np.asarray([g.box for g in self.groups], np.int64),
         ))
 
     def _checkpoint_memory_blocks(self, scheduler) -> None:
@@ -297,14 +367,27 @@ class Reconstruction:
         self.sources = dict(zip(self.sources, refs))
 
     # -- running ----------------------------------------------------------------------------------
-    def refine_probe(self, epoch: int) -> bool:
-        return self.cfg.probe.refine and epoch >= self.cfg.probe.refine_start_epoch
-
     def _initialize_blocks(self, scheduler) -> None:
-        tasks = {b: delayed(init_block, pure=True)(self.store, b, dask_key_name=f"init-{b[0]}-{b[1]}")
+        t = self.token
+        tasks = {b: delayed(init_block, pure=True)(self.store, b, dask_key_name=f"init-{t}-{b[0]}-{b[1]}")
                  for b in self.store.all_blocks()}
         self.sources = self._settle(scheduler, dict(zip(tasks, _persist(scheduler, *tasks.values()))))
+        if self.rules is not None and self.rules.support:
+            self._initialize_support(scheduler)
         self.commit()  # memory store: slots -1, "start values", so even epoch 0 can resume
+
+    def _initialize_support(self, scheduler) -> None:
+        npy = self.cfg.object.support_path
+        if npy is not None:
+            load_support_file(npy, self.obj_shape)  # clear error before any task runs
+        tasks = [
+            delayed(init_support_block, pure=False)(
+                self.path, None if npy is None else str(npy), self.store.block_box(b),
+                self.obj_shape[2], dask_key_name=f"support-{self.token}-{b[0]}-{b[1]}",
+            )
+            for b in self.store.all_blocks()
+        ]
+        dask.compute(*tasks, scheduler=scheduler)
 
     def _settle(self, scheduler, sources: dict) -> dict:
         """Wait for block sources: disk sources come back as values, memory ones stay futures."""
@@ -314,51 +397,99 @@ class Reconstruction:
             wait(futures_of(list(sources.values())))
         return sources
 
+    def _fit_boxes(self, groups: list[TileGroup]) -> list[TileGroup]:
+        """Regrow the box of any group whose tiles moved beyond it (membership is unchanged,
+        so no tile is skipped or repeated)."""
+        pos = self.params["positions"].value
+        out = []
+        for g in groups:
+            if not box_holds(g.box, pos[g.angle, g.tiles], self.meas.det_shape):
+                box = grow_box(group_box(pos[g.angle, g.tiles], self.meas.det_shape), self.halo,
+                               self.obj_shape[:2])
+                log.info("tile group %d moved beyond its box; new box %s", g.index, box)
+                g = TileGroup(g.index, g.angle, g.tiles, box)
+                self.groups[g.index] = g
+            out.append(g)
+        return out
+
+    def active_refinements(self, epoch: int) -> dict[str, str]:
+        """Parameters updated in ``epoch``, with their scopes."""
+        return {n: r.spec.scope for n, r in self.refinements.items() if r.active(epoch)}
+
     def run_minibatch(self, groups, epoch: int, b: int, scheduler) -> None:
         """Build, run and commit one optimizer step."""
-        tag = f"e{epoch}-b{b}-r{self.recoveries}"
+        tag = f"{self.token}-e{epoch}-b{b}-r{self.recoveries}"
+        groups = self._fit_boxes(groups)
+        n = sum(len(g.tiles) for g in groups)
+        shared = shared_values(self.params, self.specs)
         graph = build_minibatch(
             groups,
             obj=self.store,
             sources=self.sources,
             source=self.meas.source,
-            probe_state=delayed(self.probe_state, name=f"probestate-{tag}", traverse=False),
+            shared=delayed(shared, name=f"shared-{tag}", traverse=False),
+            own={g.index: group_rows(self.params, self.specs, g) for g in groups},
             model=self._model_delayed,
-            spec=self.spec,
-            probe_spec=self.probe_spec,
-            step=self.step + 1,
-            want_probe_grad=self.refine_probe(epoch),
+            spec=object_learning_rate(self.spec, self.model, shared, n),
+            block_steps=self.block_steps,
+            scopes=self.active_refinements(epoch),
+            rules=self.rules,
             tag=tag,
         )
         if self.store.on_disk:  # every output is small: one round trip
-            (loss, _), probe_state, *updates = dask.compute(
-                graph.sums, graph.probe_state, *graph.updates.values(), scheduler=scheduler
-            )
+            sums, *updates = dask.compute(graph.sums, *graph.updates.values(), scheduler=scheduler)
             new = dict(zip(graph.updates, updates))
         else:  # block states stay on the workers
-            sums, probe_state, *updates = _persist(
-                scheduler, graph.sums, graph.probe_state, *graph.updates.values()
-            )
-            (loss, _), probe_state = dask.compute(sums, probe_state, scheduler=scheduler)
+            sums, *updates = _persist(scheduler, graph.sums, *graph.updates.values())
+            (sums,) = dask.compute(sums, scheduler=scheduler)
             new = self._settle(scheduler, dict(zip(graph.updates, updates)))
-        n = sum(len(g.tiles) for g in groups)
+        self._check_finite(sums.loss, epoch, b)
+        params = apply_gradients(self.params, self.refinements, sums, bounds=self.bounds)
+        for name, ps in params.items():
+            if not np.all(np.isfinite(ps.value)):
+                self._check_finite(float("nan"), epoch, b, what=f"parameter {name}")
+        self.params = params
         self.sources = {**self.sources, **new}
-        self.probe_state = probe_state
+        for block in new:
+            self.block_steps[block] += 1
         self.step += 1
         self.batch = b + 1
-        self.epoch_loss = (self.epoch_loss[0] + loss * n, self.epoch_loss[1] + n)
+        self.epoch_loss = (self.epoch_loss[0] + sums.loss * n, self.epoch_loss[1] + n)
         if self.store.on_disk:
             self.commit()
 
+    def _step_sizes(self) -> str:
+        steps = [f"optimizer.step_size (now {self.spec.step_size:.3g})"]
+        steps += [f"refine.{n}.step_size (now {r.optimizer.step_size:.3g} {r.spec.unit})"
+                  for n, r in self.refinements.items()]
+        return " or ".join(steps)
+
+    def _check_finite(self, loss: float, epoch: int, b: int, *, what: str = "the loss") -> None:
+        """Stop before committing a poisoned state."""
+        if math.isfinite(loss):
+            return
+        raise DivergenceError(
+            f"{what} became {loss} in epoch {epoch}, minibatch {b}: the step is too large. "
+            f"Nothing of it was committed: lower {self._step_sizes()} and start again, or "
+            "continue from the last commit with --resume --allow-config-change --set "
+            "optimizer.step_size=<smaller>"
+        )
+
     def _end_epoch(self, scheduler) -> float:
         loss = self.epoch_loss[0] / max(self.epoch_loss[1], 1)
-        if not math.isfinite(loss):
-            raise FloatingPointError(
-                f"loss became {loss} in epoch {self.epoch}; lower optimizer.step_size"
+        self._check_finite(loss, self.epoch, self.batch)
+        if self.loss and loss > DIVERGENCE_FACTOR * self.loss[0]:
+            raise DivergenceError(
+                f"the loss of epoch {self.epoch} ({loss:.4g}) is over {DIVERGENCE_FACTOR:g} times "
+                f"that of epoch 0 ({self.loss[0]:.4g}): the reconstruction diverges. Lower "
+                f"{self._step_sizes()} and start again"
             )
         self.loss.append(loss)
         self.epoch += 1
         self.batch, self.epoch_loss = 0, (0.0, 0)
+        sw = self.cfg.object.shrinkwrap
+        if sw is not None and self.epoch > sw.start_epoch and (self.epoch - sw.start_epoch) % sw.every_epochs == 0:
+            shrinkwrap(self.store, self.sources, self.cfg, scheduler, tag=f"{self.token}-e{self.epoch}")
         every = self.cfg.publish_every_epochs
         if every and self.epoch % every == 0:
             self.publish(scheduler)
@@ -370,10 +501,11 @@ class Reconstruction:
 
     def publish(self, scheduler) -> None:
         """Copy every block's committed object into the run store's ``object`` array, and the
-        probe and loss history beside it."""
+        parameters and loss history beside it."""
         tasks = [delayed(self.store.publish, pure=False)(b, src) for b, src in self.sources.items()]
         dask.compute(*tasks, scheduler=scheduler)
-        results.write_progress(self.path, probe=self.probe, loss=self.loss)
+        self._write_parameters()
+        results.write_loss(self.path, self.loss)
 
     def _recover(self, err: BaseException, attempt: int) -> None:
         if attempt > MAX_RECOVERIES:
@@ -401,7 +533,7 @@ class Reconstruction:
             self.publish(scheduler)
         results.finalize(self.path)
         out = self.path if location.is_url(self.path) else Path(self.path)
-        return RunResult(out, self.loss, self.probe, self.offset)
+        return RunResult(out, self.loss, self.values(), self.offset)
 
     def _run_epoch(self, scheduler, bar, callback) -> None:
         epoch = self.epoch
@@ -416,8 +548,9 @@ class Reconstruction:
         if self.sources is None:
             self._initialize_blocks(scheduler)
         epoch = self.epoch
-        self._model_delayed = delayed(self.model, name=f"model-e{epoch}-r{self.recoveries}",
-                                     traverse=False)
+        self._model_delayed = delayed(
+            self.model, name=f"model-{self.token}-e{epoch}-r{self.recoveries}", traverse=False
+        )
         rng = np.random.default_rng([self.cfg.seed, epoch])
         batches = epoch_minibatches(self.groups, self.cfg.minibatch_size, rng)
         for b in range(self.batch, len(batches)):
@@ -438,4 +571,7 @@ def run(
     return rec.run(client, **kwargs)
 
 
-__all__ = ["Reconstruction", "RunResult", "run", "MeasurementError", "config_from_dict"]
+__all__ = [
+    "Reconstruction", "RunResult", "run", "MeasurementError", "DivergenceError",
+    "config_from_dict",
+]

@@ -2,89 +2,193 @@
 
 Every function maps ``(x, grad, state, step) -> (x, state)`` on real float arrays without
 modifying its inputs, so a Dask task that runs it twice on the same inputs writes the same
-result. Complex parameters are handled through their real view ``[..., 2]``.
+result. Complex parameters are handled through their real view ``[..., 2]``; every array keeps
+its dtype.
+
+Step counts are per entry where entries are updated at different times: each object block
+counts its own steps (a block seen by only some minibatches must not take Adam's bias-corrected
+early steps late), and each tile of a per-tile parameter counts its own.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
-STATE_NAMES = {"adam": ("m", "v"), "gd": ()}
+STATE_NAMES = {"adam": ("m", "v"), "gd": (), "momentum": ("m",)}
 
 
 @dataclass(frozen=True)
 class OptimizerSpec:
-    """Hyper-parameters of one optimizer (a small picklable value)."""
+    """Hyper-parameters of one optimizer (a small picklable value).
+
+    ``step_size`` is the learning rate applied: Adam's step per element, or the factor of the
+    gradient for ``gd`` and ``momentum`` (Nesterov, ``momentum`` its coefficient).
+    """
 
     name: str = "adam"
     step_size: float = 0.01
     beta1: float = 0.9
     beta2: float = 0.999
     eps: float = 1e-8
+    momentum: float = 0.9
+
+    def __post_init__(self) -> None:
+        if self.name not in STATE_NAMES:
+            raise ValueError(
+                f"unknown optimizer {self.name!r}; choose one of {sorted(STATE_NAMES)}"
+            )
 
     @property
     def state_names(self) -> tuple[str, ...]:
         return STATE_NAMES[self.name]
 
+    def with_step(self, step_size: float) -> OptimizerSpec:
+        return replace(self, step_size=float(step_size))
+
 
 def adam_step(
-    x: np.ndarray, grad: np.ndarray, m: np.ndarray, v: np.ndarray, step: int, spec: OptimizerSpec
+    x: np.ndarray,
+    grad: np.ndarray,
+    m: np.ndarray,
+    v: np.ndarray,
+    step: int | np.ndarray,
+    spec: OptimizerSpec,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One Adam step (Kingma & Ba 2015) with bias correction; ``step`` counts from 1.
 
-    Arrays of any (identical) shape; returns new ``(x, m, v)``.
+    Arrays of any (identical) shape; ``step`` a scalar or an array broadcasting against them.
+    Returns new ``(x, m, v)`` in ``x``'s dtype.
     """
+    dt = x.dtype
     m = spec.beta1 * m + (1.0 - spec.beta1) * grad
     v = spec.beta2 * v + (1.0 - spec.beta2) * grad * grad
+    step = np.asarray(step, np.float64)
     m_hat = m / (1.0 - spec.beta1**step)
     v_hat = v / (1.0 - spec.beta2**step)
     x = x - spec.step_size * m_hat / (np.sqrt(v_hat) + spec.eps)
-    return x.astype(np.float32, copy=False), m.astype(np.float32), v.astype(np.float32)
+    return x.astype(dt, copy=False), m.astype(dt, copy=False), v.astype(dt, copy=False)
+
+
+def nesterov_step(
+    x: np.ndarray, grad: np.ndarray, m: np.ndarray, spec: OptimizerSpec
+) -> tuple[np.ndarray, np.ndarray]:
+    """Nesterov momentum in PyTorch's form: ``m = mu m + g; x -= lr (g + mu m)``."""
+    dt = x.dtype
+    m = spec.momentum * m + grad
+    x = x - spec.step_size * (grad + spec.momentum * m)
+    return x.astype(dt, copy=False), m.astype(dt, copy=False)
 
 
 def apply_step(
-    x: np.ndarray, grad: np.ndarray, state: dict[str, np.ndarray], step: int, spec: OptimizerSpec
+    x: np.ndarray,
+    grad: np.ndarray,
+    state: dict[str, np.ndarray],
+    step: int | np.ndarray,
+    spec: OptimizerSpec,
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Dispatch on ``spec.name``; ``state`` maps the names in ``spec.state_names`` to arrays."""
     if spec.name == "adam":
         x, m, v = adam_step(x, grad, state["m"], state["v"], step, spec)
         return x, {"m": m, "v": v}
-    if spec.name == "gd":
-        return (x - spec.step_size * grad).astype(np.float32), {}
-    raise ValueError(f"unknown optimizer {spec.name!r}; choose one of {sorted(STATE_NAMES)}")
+    if spec.name == "momentum":
+        x, m = nesterov_step(x, grad, state["m"], spec)
+        return x, {"m": m}
+    return (x - spec.step_size * grad).astype(x.dtype, copy=False), {}
+
+
+def real_view(a: np.ndarray) -> np.ndarray:
+    """A complex array ``[...]`` as real ``[..., 2]`` (a copy); real arrays unchanged."""
+    if np.iscomplexobj(a):
+        a = np.ascontiguousarray(a)
+        return a.view(a.real.dtype).reshape(*a.shape, 2).copy()
+    return np.array(a)
+
+
+def from_real(a: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """Inverse of :func:`real_view` for ``dtype``."""
+    dtype = np.dtype(dtype)
+    if dtype.kind == "c":
+        return np.ascontiguousarray(a, dtype=np.zeros((), dtype).real.dtype).view(dtype)[..., 0]
+    return np.asarray(a, dtype)
 
 
 def as_real(a: np.ndarray) -> np.ndarray:
-    """Complex ``[...]`` -> float32 ``[..., 2]`` (real, imag)."""
+    """Complex ``[...]`` -> float32 ``[..., 2]`` (real, imag), for storage."""
     return np.stack([a.real, a.imag], axis=-1).astype(np.float32)
-
-
-def as_complex(a: np.ndarray) -> np.ndarray:
-    """Float ``[..., 2]`` -> complex64 ``[...]``."""
-    return (a[..., 0] + 1j * a[..., 1]).astype(np.complex64)
 
 
 @dataclass(frozen=True)
 class ParameterState:
-    """A small complex parameter (e.g. the probe) with its optimizer state and step count."""
+    """A parameter's value (its own dtype), optimizer arrays and step counts.
+
+    Attributes
+    ----------
+    value : ndarray
+        The current value, e.g. the probe ``[M, py, px]`` complex64 or positions
+        ``[n_angles, n_tiles, 2]`` float64.
+    state : dict
+        Optimizer arrays on the real view of ``value`` (``[..., 2]`` for complex values), and
+        for ``gd``/``momentum`` the gradient scale ``gscale`` (0-d) once set.
+    step : ndarray
+        int64 step counts: 0-d for a global parameter, ``[n_angles, n_tiles]`` per tile,
+        ``[n_angles]`` per angle.
+    """
 
     value: np.ndarray
     state: dict
-    step: int = 0
+    step: np.ndarray
 
     @classmethod
-    def start(cls, value: np.ndarray, spec: OptimizerSpec) -> ParameterState:
-        zeros = {k: np.zeros((*value.shape, 2), np.float32) for k in spec.state_names}
-        return cls(np.asarray(value, np.complex64), zeros, 0)
+    def start(cls, value: np.ndarray, spec: OptimizerSpec, count_shape=()) -> ParameterState:
+        real = real_view(value)
+        zeros = {k: np.zeros_like(real) for k in spec.state_names}
+        return cls(np.array(value), zeros, np.zeros(count_shape, np.int64))
+
+    def reset(self, spec: OptimizerSpec) -> ParameterState:
+        """The same value with fresh optimizer state (after a change of optimizer)."""
+        return ParameterState.start(self.value, spec, self.step.shape)
 
 
 def parameter_step(
-    ps: ParameterState, grad: np.ndarray | None, spec: OptimizerSpec
+    ps: ParameterState,
+    grad: np.ndarray,
+    spec: OptimizerSpec,
+    index: tuple = (),
 ) -> ParameterState:
-    """One optimizer step of a complex parameter (pure; ``grad`` None leaves it unchanged)."""
-    if grad is None:
-        return ps
-    x, state = apply_step(as_real(ps.value), as_real(grad), ps.state, ps.step + 1, spec)
-    return ParameterState(as_complex(x), state, ps.step + 1)
+    """One optimizer step of the entries ``index`` of a parameter (pure).
+
+    Parameters
+    ----------
+    ps : ParameterState
+        The parameter.
+    grad : ndarray
+        Gradient of ``value[index]`` (same dtype kind as the value).
+    spec : OptimizerSpec
+        For ``gd`` and ``momentum``, ``spec.step_size`` is the size of the first step of the
+        largest element, in the value's unit: the gradient's scale ``1 / max|grad|`` of that
+        first step is kept in the state (``gscale``) and the learning rate is
+        ``step_size * gscale`` from then on, so later steps are plain gradient steps.
+    index : tuple
+        Leading-axis index of the entries the gradient belongs to (``()``: all); the step
+        counts of those entries advance.
+    """
+    state = {k: np.array(v) for k, v in ps.state.items()}
+    if spec.name in ("gd", "momentum"):
+        if "gscale" not in state:
+            peak = float(np.abs(grad).max())
+            state["gscale"] = np.asarray(1.0 / peak if peak > 0 else 0.0)
+        spec = spec.with_step(spec.step_size * float(state["gscale"]))
+    real = real_view(ps.value)
+    g = real_view(grad).astype(real.dtype, copy=False)
+    step = ps.step.copy()
+    step[index] += 1
+    counts = step[index]
+    counts = counts.reshape(counts.shape + (1,) * (real[index].ndim - counts.ndim))
+    sub = {k: state[k][index] for k in spec.state_names}
+    x, sub = apply_step(real[index], g, sub, counts, spec)
+    real[index] = x
+    for k in spec.state_names:
+        state[k][index] = sub[k]
+    return ParameterState(from_real(real, ps.value.dtype), state, step)

@@ -1,12 +1,10 @@
-"""Initial values of the small refinable parameters (the probe for now)."""
+"""The probe's start value (from the data, a file, or a defocused aperture) and its modes."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
-import torch
-
 from adorym_dask.config import ProbeConfig, ProbeInit
 from adorym_dask.physics.probes import defocused_aperture_probe
 from adorym_dask.storage.measurements import Measurements, read_tiles
@@ -37,26 +35,57 @@ def probe_from_mean_amplitude(mean_intensity: np.ndarray) -> np.ndarray:
     return probe.astype(np.complex64)
 
 
-def add_modes(probe: np.ndarray, n_modes: int, *, seed: int = 0) -> np.ndarray:
-    """Extend ``[m, py, px]`` to ``[n_modes, py, px]`` keeping the total power.
+def orthogonalize_modes(probe: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Orthogonal probe modes ordered by decreasing power, and the unitary that made them.
 
-    New modes are the first mode with a seeded random smooth phase, each with 10% of the first
-    mode's power halved per mode; the total power is rescaled to the input's.
+    With the modes as the rows of ``A [M, py*px]`` and ``A = U S V^H``, the new modes are
+    ``U^H A = S V^H``: mutually orthogonal, mode 0 the strongest. Incoherent modes are only
+    defined up to such a unitary mixing (the intensities ``sum_m |F(P_m O)|^2`` do not change),
+    so this fixes a meaningful, ordered set without changing any prediction.
+
+    Parameters
+    ----------
+    probe : ndarray
+        ``[M, py, px]`` complex modes.
+
+    Returns
+    -------
+    modes : ndarray
+        ``[M, py, px]`` in the input's dtype.
+    mix : ndarray
+        ``[M, M]`` complex128 ``U^H``: ``modes = mix @ probe`` over the mode axis.
+    """
+    m = probe.shape[0]
+    a = probe.reshape(m, -1).astype(np.complex128)
+    u, _, _ = np.linalg.svd(a, full_matrices=False)
+    mix = u.conj().T
+    return (mix @ a).reshape(probe.shape).astype(probe.dtype), mix
+
+
+def mode_power_fractions(probe: np.ndarray) -> np.ndarray:
+    """``[M]`` float64: each mode's share of the total power ``sum |P|^2``."""
+    power = (np.abs(probe) ** 2).reshape(probe.shape[0], -1).sum(axis=1, dtype=np.float64)
+    return power / max(float(power.sum()), np.finfo(np.float64).tiny)
+
+
+def seed_modes(probe: np.ndarray, n_modes: int, *, noise: float, seed: int = 0) -> np.ndarray:
+    """Extend ``[m, py, px]`` to ``[n_modes, py, px]`` orthogonal modes of the same total power.
+
+    Each new mode is a duplicate of mode 0 with complex Gaussian noise added where the probe
+    is (``P0 (1 + noise * n)``, ``n`` unit-rms, seeded), the Sec. 3.4 recipe; the set is then
+    orthogonalised (:func:`orthogonalize_modes`), so the extra modes start as weak, orthogonal
+    variations of the first.
     """
     if probe.shape[0] >= n_modes:
         return probe
     rng = np.random.default_rng(seed)
     power = float((np.abs(probe) ** 2).sum())
     extra = []
-    py, px = probe.shape[1:]
-    for k in range(n_modes - probe.shape[0]):
-        noise = rng.standard_normal((py, px)) + 1j * rng.standard_normal((py, px))
-        f = np.fft.fft2(noise)
-        fy, fx = np.meshgrid(np.fft.fftfreq(py), np.fft.fftfreq(px), indexing="ij")
-        smooth = np.fft.ifft2(f * np.exp(-(fy**2 + fx**2) / (2 * 0.05**2)))
-        smooth /= np.abs(smooth).max()
-        extra.append(probe[0] * smooth * np.sqrt(0.1 * 0.5**k))
-    out = np.concatenate([probe, np.asarray(extra)], axis=0)
+    for _ in range(n_modes - probe.shape[0]):
+        n = (rng.standard_normal(probe.shape[1:]) + 1j * rng.standard_normal(probe.shape[1:]))
+        extra.append(probe[0] * (1.0 + noise * n / np.sqrt(2.0)))
+    out = np.concatenate([probe.astype(np.complex128), np.asarray(extra)], axis=0)
+    out, _ = orthogonalize_modes(out)
     out *= np.sqrt(power / (np.abs(out) ** 2).sum())
     return out.astype(np.complex64)
 
@@ -90,20 +119,19 @@ def initial_probe(cfg: ProbeConfig, meas: Measurements, *, n_modes: int, seed: i
                 f"probe.path has {probe.shape[0]} modes but model.probe_modes is {n_modes}; "
                 "raise model.probe_modes or give fewer modes"
             )
-        return add_modes(probe, n_modes, seed=seed)
+        return seed_modes(probe, n_modes, noise=cfg.mode_noise, seed=seed)
     mean_i = mean_pattern(meas)
-    photons = float(mean_i.sum())
     if cfg.init is ProbeInit.from_data:
-        return add_modes(probe_from_mean_amplitude(mean_i)[None], n_modes, seed=seed)
-    probe = defocused_aperture_probe(
-        meas.det_shape,
-        radius_px=cfg.aperture_radius_px,
-        inner_radius_px=cfg.aperture_inner_radius_px,
-        defocus_m=cfg.defocus_m,
-        pixel_size_m=meas.pixel_size_m,
-        wavelength_m=meas.wavelength_m,
-        n_modes=n_modes,
-        photons_per_pattern=photons,
-        seed=seed,
-    )
-    return probe.numpy().astype(np.complex64) if isinstance(probe, torch.Tensor) else probe
+        first = probe_from_mean_amplitude(mean_i)
+    else:
+        first = defocused_aperture_probe(
+            meas.det_shape,
+            radius_px=cfg.aperture_radius_px,
+            inner_radius_px=cfg.aperture_inner_radius_px,
+            defocus_m=cfg.defocus_m,
+            pixel_size_m=meas.pixel_size_m,
+            wavelength_m=meas.wavelength_m,
+            n_modes=1,
+            photons_per_pattern=float(mean_i.sum()),
+        )[0].numpy().astype(np.complex64)
+    return seed_modes(first[None], n_modes, noise=cfg.mode_noise, seed=seed)

@@ -1,4 +1,4 @@
-"""A PNG summary of a run: object phase, probe amplitude, loss curve."""
+"""PNG summaries of a run: object phase, probe, loss curve, and refined positions."""
 
 from __future__ import annotations
 
@@ -18,36 +18,100 @@ def object_phase(obj: np.ndarray, representation: str, *, slice_index: int = 0) 
     return -s[..., 0]
 
 
-def save_summary_png(
-    path: str | Path, *, obj: np.ndarray, representation: str, probe: np.ndarray, loss: list[float]
-) -> Path:
-    """Write phase, probe and loss panels to ``path``.
-
-    Parameters
-    ----------
-    obj : ndarray
-        ``[n_y, n_x, n_z, 2]`` object.
-    probe : ndarray
-        ``[M, py, px]`` complex probe.
-    loss : list of float
-        Loss per epoch.
-    """
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(1, 3, figsize=(13, 4))
-    im = ax[0].imshow(object_phase(obj, representation), cmap="gray")
-    ax[0].set_title("object phase (rad)" if representation == "real_imag" else "-delta")
-    fig.colorbar(im, ax=ax[0])
-    im = ax[1].imshow(np.abs(probe[0]), cmap="viridis")
-    ax[1].set_title(f"probe |mode 0| of {probe.shape[0]}")
-    fig.colorbar(im, ax=ax[1])
-    ax[2].semilogy(np.arange(1, len(loss) + 1), loss, "o-")
-    ax[2].set_xlabel("epoch")
-    ax[2].set_title("loss")
+    return plt
+
+
+def save_summary_png(
+    path: str | Path,
+    *,
+    obj: np.ndarray,
+    representation: str,
+    probe: np.ndarray | None,
+    loss: list[float],
+) -> Path:
+    """Write one phase panel per slice, the probe's first mode and the loss curve to ``path``.
+
+    Parameters
+    ----------
+    obj : ndarray
+        ``[n_y, n_x, n_z, 2]`` object.
+    probe : ndarray or None
+        ``[M, py, px]`` complex probe (models without one: None).
+    loss : list of float
+        Loss per epoch.
+    """
+    plt = _pyplot()
+    n_z = obj.shape[2]
+    panels = n_z + (probe is not None) + 1
+    fig, ax = plt.subplots(1, panels, figsize=(4.3 * panels, 4))
+    for z in range(n_z):
+        im = ax[z].imshow(object_phase(obj, representation, slice_index=z), cmap="gray")
+        label = "phase (rad)" if representation == "real_imag" else "-delta"
+        ax[z].set_title(f"object {label}" + (f", slice {z}" if n_z > 1 else ""))
+        fig.colorbar(im, ax=ax[z])
+    if probe is not None:
+        im = ax[n_z].imshow(np.abs(probe[0]), cmap="viridis")
+        ax[n_z].set_title(f"probe |mode 0| of {probe.shape[0]}")
+        fig.colorbar(im, ax=ax[n_z])
+    ax[-1].semilogy(np.arange(1, len(loss) + 1), loss, "o-")
+    ax[-1].set_xlabel("epoch")
+    ax[-1].set_title("loss")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return Path(path)
+
+
+def save_positions_png(
+    path: str | Path, *, initial: np.ndarray, refined: np.ndarray, angle: int = 0
+) -> Path:
+    """Initial (open circles) against refined (dots) positions of one angle, joined by lines,
+    as in Fig. 10(b) of the paper; the shift is also drawn magnified for visibility.
+
+    ``initial``, ``refined`` : ``[n_angles, n_tiles, 2]`` (y, x) in the input file's frame.
+    """
+    plt = _pyplot()
+    a, b = initial[angle], refined[angle]
+    shift = np.linalg.norm(b - a, axis=1)
+    fig, ax = plt.subplots(1, 2, figsize=(12, 6))
+    for axis, gain in ((ax[0], 1.0), (ax[1], 10.0)):
+        tip = a + gain * (b - a)
+        axis.plot(np.stack([a[:, 1], tip[:, 1]]), np.stack([a[:, 0], tip[:, 0]]), "-",
+                  color="tab:blue", lw=0.8)
+        axis.scatter(a[:, 1], a[:, 0], s=14, facecolors="none", edgecolors="k", label="initial")
+        axis.scatter(tip[:, 1], tip[:, 0], s=8, color="tab:blue",
+                     label="refined" if gain == 1 else f"refined, shift x{gain:g}")
+        axis.invert_yaxis()
+        axis.set_aspect("equal")
+        axis.set_xlabel("x (px)")
+        axis.set_ylabel("y (px)")
+        axis.legend(loc="upper right", fontsize=8)
+    ax[0].set_title(f"probe positions, angle {angle}: mean shift {shift.mean():.2f} px, "
+                    f"max {shift.max():.2f} px")
+    ax[1].set_title("the same, shifts magnified 10x")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return Path(path)
+
+
+def save_run_pngs(path: str | Path, result) -> list[Path]:
+    """The summary PNG at ``path`` and, when positions were refined, ``<stem>_positions.png``
+    beside it. ``result`` is a :class:`~adorym_dask.engine.RunResult`."""
+    ds = result.open()
+    out = [save_summary_png(
+        path, obj=result.object(), representation=ds.attrs["representation"],
+        probe=result.params.get("probe"), loss=result.loss,
+    )]
+    if "positions_px_initial" in ds:
+        png = Path(path).with_name(f"{Path(path).stem}_positions.png")
+        out.append(save_positions_png(
+            png, initial=ds["positions_px_initial"].values, refined=ds["positions_px"].values
+        ))
+    return out

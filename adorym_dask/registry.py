@@ -3,19 +3,24 @@
 A plug-in package adds a model without editing ours by declaring, in its pyproject::
 
     [project.entry-points."adorym_dask.models"]
-    my_model = "my_package.module:build"
+    my_model = "my_package.module:REGISTRATION"
 
-where ``build(config: RunConfig, measurements: Measurements) -> ForwardModel``.
+where ``REGISTRATION`` is a :class:`ModelRegistration`: the builder
+``build(config: RunConfig, measurements: Measurements) -> ForwardModel`` and the pydantic class
+of its ``model:`` keys (a subclass of :class:`adorym_dask.config.ModelConfig`), so a plug-in
+model is configured exactly like a built-in one. An entry point may also name a bare builder;
+its ``model:`` section then takes only the shared keys (``kind``, ``loss``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from adorym_dask.config import RunConfig
+    from adorym_dask.config import ModelConfig, RunConfig
     from adorym_dask.models.base import ForwardModel
     from adorym_dask.storage.measurements import Measurements
 
@@ -23,23 +28,24 @@ ENTRY_POINT_GROUP = "adorym_dask.models"
 Builder = Callable[["RunConfig", "Measurements"], "ForwardModel"]
 
 
+@dataclass(frozen=True)
+class ModelRegistration:
+    """What a model registers: how to build it, and the class of its ``model:`` keys."""
+
+    build: Builder
+    config: type[ModelConfig] | None = None
+
+
 def _build_ptychography(cfg: RunConfig, meas: Measurements) -> ForwardModel:
-    from adorym_dask.models.ptychography import FarFieldPtychography
+    from adorym_dask.models.ptychography import build_ptychography
 
-    thickness = cfg.object.slice_thickness_m or cfg.model.slice_spacing_m or meas.pixel_size_m
-    return FarFieldPtychography(
-        det_shape=tuple(meas.det_shape),
-        representation=cfg.object.representation.value,
-        wavelength_m=meas.wavelength_m,
-        pixel_size_m=meas.pixel_size_m,
-        slice_spacing_m=cfg.model.slice_spacing_m,
-        slice_thickness_m=thickness,
-        loss_kind=cfg.model.loss.value,
-        mask=meas.mask,
-    )
+    return build_ptychography(cfg, meas)
 
 
-BUILTIN: dict[str, Builder] = {"ptychography": _build_ptychography}
+def _builtin() -> dict[str, ModelRegistration]:
+    from adorym_dask.config import PtychographyConfig
+
+    return {"ptychography": ModelRegistration(_build_ptychography, PtychographyConfig)}
 
 
 def _plugins() -> dict[str, object]:
@@ -48,14 +54,30 @@ def _plugins() -> dict[str, object]:
 
 def model_names() -> set[str]:
     """Every model kind that a config may name."""
-    return set(BUILTIN) | set(_plugins())
+    return set(_builtin()) | set(_plugins())
 
 
-def model_builder(kind: str) -> Builder:
-    """The builder registered for ``kind`` (a built-in wins over a plug-in of the same name)."""
-    if kind in BUILTIN:
-        return BUILTIN[kind]
+def registration(kind: str) -> ModelRegistration:
+    """The registration of ``kind`` (a built-in wins over a plug-in of the same name)."""
+    builtin = _builtin()
+    if kind in builtin:
+        return builtin[kind]
     plugins = _plugins()
     if kind not in plugins:
         raise KeyError(f"unknown model {kind!r}; registered: {sorted(model_names())}")
-    return plugins[kind].load()
+    loaded = plugins[kind].load()
+    if isinstance(loaded, ModelRegistration):
+        return loaded
+    return ModelRegistration(loaded)
+
+
+def model_config_class(kind: str) -> type[ModelConfig]:
+    """The pydantic class that validates ``model:`` for ``kind``."""
+    from adorym_dask.config import ModelConfig
+
+    return registration(kind).config or ModelConfig
+
+
+def model_builder(kind: str) -> Builder:
+    """The builder registered for ``kind``."""
+    return registration(kind).build

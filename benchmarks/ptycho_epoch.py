@@ -13,7 +13,7 @@ On one simulated data set (default 400 positions, 128x128 detector, 256x256 obje
     lower bound for the epoch on this machine (fastest of the repeats; also at 1 thread).
 
 Epoch 0 is a warm-up and is discarded (it also skips the probe gradient, as
-``probe.refine_start_epoch`` is 1); the median of the other epochs is reported. Nothing is
+``refine.probe.start_epoch`` is 1 by default); the median of the other epochs is reported. Nothing is
 asserted: the numbers are printed.
 
 Run::
@@ -131,22 +131,25 @@ def loop_epoch(rec, epoch: int) -> float:
     from adorym_dask.graphs.reduction import crop_sum, small_sums
     from adorym_dask.graphs.tasks import tile_group_gradient
     from adorym_dask.graphs.update import update_block
-    from adorym_dask.optimizers import parameter_step
+    from adorym_dask.layout import object_learning_rate
+    from adorym_dask.refinement import apply_gradients, group_rows, shared_values
 
     st = rec.store
     if rec.sources is None:
         rec._initialize_blocks("sync")
     rng = np.random.default_rng([rec.cfg.seed, epoch])
     batches = epoch_minibatches(rec.groups, rec.cfg.minibatch_size, rng)
-    want_probe = rec.refine_probe(epoch)
+    scopes = rec.active_refinements(epoch)
     total, n_total = 0.0, 0
     for groups in batches:
         n = sum(len(g.tiles) for g in groups)
+        shared = shared_values(rec.params, rec.specs)
+        spec = object_learning_rate(rec.spec, rec.model, shared, n)
         pieces = [
             tile_group_gradient(
                 g, st, {b: rec.sources[b] for b in st.blocks_overlapping(g.box)},
-                rec.meas.source, rec.probe, rec.model, scale=1.0 / n,
-                want_probe_grad=want_probe,
+                rec.meas.source, shared, group_rows(rec.params, rec.specs, g), rec.model,
+                scale=1.0 / n, refine=frozenset(scopes),
             )
             for g in groups
         ]
@@ -163,14 +166,16 @@ def loop_epoch(rec, epoch: int) -> float:
                 for i in range(0, len(mine), FAN_IN)
             ]
             new[block] = update_block(
-                st, block, rec.sources[block], *parts, step=rec.step + 1, spec=rec.spec
+                st, block, rec.sources[block], *parts, step=int(rec.block_steps[block]) + 1,
+                spec=spec, rules=rec.rules,
             )
+            rec.block_steps[block] += 1
         rec.sources.update(new)
         rec.step += 1
-        loss, pgrad = small_sums(*pieces)
-        if want_probe:
-            rec.probe_state = parameter_step(rec.probe_state, pgrad, rec.probe_spec)
+        sums = small_sums(scopes, *pieces)
+        rec.params = apply_gradients(rec.params, rec.refinements, sums, bounds=rec.bounds)
         rec.commit()
+        loss = sums.loss
         total += loss * n
         n_total += n
     return total / n_total
@@ -209,6 +214,7 @@ def count_group_ffts(rec, want_probe_grad: bool = True) -> list[tuple[tuple[int,
     from torch.profiler import ProfilerActivity, profile
 
     from adorym_dask.graphs.tasks import tile_group_gradient
+    from adorym_dask.refinement import group_rows, shared_values
 
     g = rec.groups[0]
     M = rec.probe.shape[0]
@@ -220,8 +226,9 @@ def count_group_ffts(rec, want_probe_grad: bool = True) -> list[tuple[tuple[int,
                 rec._initialize_blocks("sync")
             tile_group_gradient(
                 g, rec.store, {b: rec.sources[b] for b in rec.store.blocks_overlapping(g.box)},
-                rec.meas.source, rec.probe, rec.model, scale=1.0,
-                want_probe_grad=want_probe_grad,
+                rec.meas.source, shared_values(rec.params, rec.specs),
+                group_rows(rec.params, rec.specs, g), rec.model, scale=1.0,
+                refine=frozenset({"probe"} if want_probe_grad else ()),
             )
         found = []
         for ev in prof.events():

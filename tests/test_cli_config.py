@@ -85,14 +85,21 @@ def test_cli_subprocess_on_local_cluster(tmp_path, scan):
         ({"epoch": 3}, "epoch"),  # typo of epochs
         ({"optimizer": {"name": "lbfgs"}}, "optimizer.name"),
         ({"model": {"kind": "holography"}}, "model.kind"),
-        ({"model": {"slices": 2}}, "slice_spacing_m"),
+        ({"model": {"slices": 2}}, "slice_spacings_m"),
+        ({"model": {"slices": 2, "slice_spacing_m": 1e-6}}, "slice_spacings_m"),
+        ({"probe": {"refine": False}}, r"refine: {probe: null}"),
+        ({"probe": {"step_size": 0.1}}, r"refine: {probe: {step_size"),
+        ({"probe": {"refine_start_epoch": 3}}, r"refine: {probe: {start_epoch"),
+        ({"refine": {"positions": {"start_epoch": 4, "stop_epoch": 2}}}, "refine.positions"),
+        ({"refine": {"probe": {"optimizer": "lbfgs"}}}, "refine.probe.optimizer"),
+        ({"regularizers": [{"kind": "tv", "weight": [1e-3, 1e-3]}]}, "regularizers.0.weight"),
         ({"probe": {"init": "file"}}, "probe.path"),
         ({"minibatch_size": 0}, "minibatch_size"),
     ],
 )
 def test_bad_config_names_field(tmp_path, change, field):
     cfg = _write_yaml(tmp_path, **change)
-    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.").replace("{", r"\{")):
         load_config(cfg)
 
 

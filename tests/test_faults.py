@@ -93,7 +93,7 @@ def _stored(out: Path) -> dict:
         "object": np.asarray(zarr.open_array(store=str(out), path="object", mode="r")[...]),
         "probe": np.asarray(zarr.open_array(store=str(out), path="probe", mode="r")[...]),
         "loss": np.asarray(zarr.open_array(store=str(out), path="loss", mode="r")[...]),
-        "ck_probe": as_real(ck.probe),
+        "ck_probe": as_real(ck.params["probe"].value),
         "ck_loss": np.asarray(ck.loss),
         "epoch": ck.epoch,
         "step": ck.step,

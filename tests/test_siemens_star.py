@@ -118,7 +118,7 @@ def _reconstruct_and_compare(
     tree = {
         "data": {"path": str(h5)},
         "model": {"kind": "ptychography", "probe_modes": 1, "slices": 1},
-        "probe": {"init": "file", "path": str(probe_path), "refine": True},
+        "probe": {"init": "file", "path": str(probe_path)},
         # the same object grid as ePIE, so both images are pixel-for-pixel comparable
         "object": {"representation": "real_imag", "shape_px": list(object_shape)},
         "output": str(tmp_path / "run.zarr"),

@@ -4,7 +4,11 @@ Graph of one minibatch::
 
     tile_group_gradient (one task per group)
         -> (crop_sum tree when a block has many pieces) -> update_block (one writer per block)
-        -> small_sums (loss, probe gradient) -> probe_step
+        -> small_sums (loss, parameter gradients), returned to the driver, which updates the
+           small parameters (probe, positions, ...)
+
+Every key carries the run's tag (run token, epoch, minibatch, recovery count), so two runs on
+one scheduler never share a key.
 """
 
 from __future__ import annotations
@@ -16,9 +20,10 @@ import numpy as np
 from dask.delayed import Delayed, delayed
 
 from adorym_dask.graphs.reduction import block_partials, small_sum_tree
-from adorym_dask.graphs.tasks import TileGroup, group_box, tile_group_gradient
-from adorym_dask.graphs.update import update_block
-from adorym_dask.optimizers import OptimizerSpec, ParameterState, parameter_step
+from adorym_dask.graphs.tasks import TileGroup, group_box, grow_box, tile_group_gradient
+from adorym_dask.graphs.update import block_borders, neighbours, update_block
+from adorym_dask.models.regularizers import ObjectRules
+from adorym_dask.optimizers import OptimizerSpec
 from adorym_dask.storage.object_store import ObjectStore
 
 FAN_IN = 8
@@ -46,7 +51,12 @@ MAX_BOX_AREA_PER_TILE = 2.0
 
 
 def plan_tile_groups(
-    positions_px: np.ndarray, det_shape: tuple[int, int], group_size: int
+    positions_px: np.ndarray,
+    det_shape: tuple[int, int],
+    group_size: int,
+    *,
+    halo: int = 0,
+    shape: tuple[int, int] | None = None,
 ) -> list[TileGroup]:
     """Split every angle's tiles into spatially compact groups of at most ``group_size``.
 
@@ -59,13 +69,18 @@ def plan_tile_groups(
     ----------
     positions_px : ndarray
         ``[n_angles, n_tiles, 2]`` tile corners in object pixels.
+    halo : int
+        Pixels added around each group's box (the tiles' allowed movement when positions are
+        refined), clipped to an object of ``shape``.
     """
     det_area = float(det_shape[0] * det_shape[1])
     groups: list[TileGroup] = []
+    far = shape if shape is not None else (np.iinfo(np.int64).max,) * 2
 
     def close(angle: int, tiles: list[int], pos: np.ndarray) -> None:
         idx = np.asarray(tiles)
-        groups.append(TileGroup(len(groups), angle, idx, pos[idx], group_box(pos[idx], det_shape)))
+        box = grow_box(group_box(pos[idx], det_shape), halo, far)
+        groups.append(TileGroup(len(groups), angle, idx, box))
 
     for angle, pos in enumerate(positions_px):
         current: list[int] = []
@@ -114,15 +129,13 @@ class MinibatchGraph:
     Attributes
     ----------
     sums : Delayed
-        ``(loss, probe_grad)``: minibatch mean loss and the probe gradient (or None).
-    probe_state : Delayed
-        :class:`ParameterState` of the probe after this step.
+        :class:`~adorym_dask.graphs.reduction.SmallSums`: the minibatch's mean loss and the
+        gradients of the refined parameters.
     updates : dict
         Block index -> the Delayed update task of that block (its new source).
     """
 
     sums: Delayed
-    probe_state: Delayed
     updates: dict[tuple[int, int], Delayed]
 
 
@@ -132,20 +145,25 @@ def build_minibatch(
     obj: ObjectStore,
     sources: dict,
     source,
-    probe_state,
+    shared,
+    own: dict[int, dict],
     model: Delayed,
     spec: OptimizerSpec,
-    probe_spec: OptimizerSpec,
-    step: int,
-    want_probe_grad: bool,
+    block_steps: np.ndarray,
+    scopes: dict[str, str],
+    rules: ObjectRules | None,
     tag: str,
 ) -> MinibatchGraph:
     """Build the graph of one optimizer step (see module docstring).
 
     ``sources`` maps every block to where its current state is (a value, or a Delayed/future
     for the memory store); each task gets the sources of the blocks it reads or updates.
+    ``shared`` is the (delayed) dict of global parameter values, ``own`` each group's rows of
+    the per-tile parameters by group index, ``block_steps`` the steps each block has taken, and
+    ``scopes`` the scope of every parameter to differentiate.
     """
     n_tiles = sum(len(g.tiles) for g in groups)
+    refine = frozenset(scopes)
     pieces = []
     touching: dict[tuple[int, int], list[int]] = {}
     for i, g in enumerate(groups):
@@ -154,11 +172,19 @@ def build_minibatch(
             touching.setdefault(block, []).append(i)
         pieces.append(
             delayed(tile_group_gradient, pure=True)(
-                g, obj, {b: sources[b] for b in blocks}, source, probe_state, model,
-                scale=1.0 / n_tiles, want_probe_grad=want_probe_grad,
-                dask_key_name=f"grad-{tag}-{g.index}",
+                g, obj, {b: sources[b] for b in blocks}, source, shared, own[g.index], model,
+                scale=1.0 / n_tiles, refine=refine, dask_key_name=f"grad-{tag}-{g.index}",
             )
         )
+    borders = {}
+    if rules is not None and rules.needs_halo:
+        around = sorted({nb for block in touching for nb in neighbours(obj, block)})
+        borders = {
+            b: delayed(block_borders, pure=True)(
+                obj, b, sources[b], dask_key_name=f"borders-{tag}-{b[0]}-{b[1]}"
+            )
+            for b in around
+        }
     updates = {}
     for block in sorted(touching):
         name = f"blockgrad-{tag}-{block[0]}-{block[1]}"
@@ -166,18 +192,11 @@ def build_minibatch(
             obj.block_box(block), obj.shape[2], [pieces[i] for i in touching[block]],
             fan_in=FAN_IN, name=name,
         )
+        near = {b: borders[b] for b in neighbours(obj, block) if b in borders}
         updates[block] = delayed(update_block, pure=True)(
-            obj, block, sources[block], *parts, step=step, spec=spec,
+            obj, block, sources[block], *parts, step=int(block_steps[block]) + 1, spec=spec,
+            rules=rules, borders=near or None,
             dask_key_name=f"update-{tag}-{block[0]}-{block[1]}",
         )
-    sums = small_sum_tree(pieces, fan_in=FAN_IN, name=f"sums-{tag}")
-    if want_probe_grad:
-        probe_state = delayed(probe_step, pure=True)(
-            probe_state, sums, probe_spec, dask_key_name=f"probestep-{tag}"
-        )
-    return MinibatchGraph(sums=sums, probe_state=probe_state, updates=updates)
-
-
-def probe_step(state: ParameterState, sums: tuple, spec: OptimizerSpec) -> ParameterState:
-    """The probe's optimizer step from a minibatch's ``(loss, probe_grad)`` sums."""
-    return parameter_step(state, sums[1], spec)
+    sums = small_sum_tree(pieces, scopes=scopes, fan_in=FAN_IN, name=f"sums-{tag}")
+    return MinibatchGraph(sums=sums, updates=updates)

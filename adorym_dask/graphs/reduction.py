@@ -5,12 +5,13 @@ run gives the same bits whatever the scheduling, and a distributed run equals a 
 
 Task count matters (each costs the scheduler ~1 ms, on the same cores as the workers here): a
 block touched by at most ``fan_in`` pieces gets no reduction task at all (its update task sums
-them), and the loss and probe gradient of a minibatch are summed by one task.
+them), and the loss and the parameter gradients of a minibatch are summed by one task.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 from dask.delayed import Delayed, delayed
@@ -79,20 +80,64 @@ def add_in_order(*values: np.ndarray | float | None) -> np.ndarray | float | Non
     return total
 
 
-def small_sums(*items: GroupGradient | tuple) -> tuple[float, np.ndarray | None]:
-    """In-order sums of the loss and the probe gradient of pieces or of partial sums."""
-    pairs = [(i.loss, i.probe_grad) if isinstance(i, GroupGradient) else i for i in items]
-    return add_in_order(*(p[0] for p in pairs)), add_in_order(*(p[1] for p in pairs))
+@dataclass
+class SmallSums:
+    """A minibatch's loss and parameter gradients, summed in plan order.
+
+    Attributes
+    ----------
+    loss : float
+        Sum of the pieces' (scaled) losses: the minibatch mean.
+    grads : dict
+        Global parameters: the summed gradient.
+    rows : dict
+        Per-tile and per-angle parameters: ``[(angle, tiles or None, grad), ...]`` in plan
+        order, each tile once; the driver scatters them by index.
+    """
+
+    loss: float
+    grads: dict[str, np.ndarray] = field(default_factory=dict)
+    rows: dict[str, list] = field(default_factory=dict)
 
 
-def small_sum_tree(pieces: Sequence[Delayed], *, fan_in: int, name: str) -> Delayed:
-    """``(loss, probe_grad)`` summed over every piece, as a fixed-shape tree."""
+def small_sums(scopes: dict[str, str], *items: GroupGradient | SmallSums) -> SmallSums:
+    """In-order sums of the loss and the parameter gradients of pieces or of partial sums.
+
+    ``scopes`` maps every refined parameter to its scope (``global``, ``tile``, ``angle``).
+    """
+    parts = [_as_sums(i, scopes) for i in items]
+    out = SmallSums(loss=add_in_order(*(p.loss for p in parts)))
+    for name, scope in scopes.items():
+        if scope == "global":
+            out.grads[name] = add_in_order(*(p.grads.get(name) for p in parts))
+        else:
+            out.rows[name] = [row for p in parts for row in p.rows.get(name, [])]
+    return out
+
+
+def _as_sums(item: GroupGradient | SmallSums, scopes: dict[str, str]) -> SmallSums:
+    if isinstance(item, SmallSums):
+        return item
+    sums = SmallSums(loss=item.loss)
+    for name, scope in scopes.items():
+        g = item.grads[name]
+        if scope == "global":
+            sums.grads[name] = g
+        else:
+            sums.rows[name] = [(item.angle, item.tiles if scope == "tile" else None, g)]
+    return sums
+
+
+def small_sum_tree(
+    pieces: Sequence[Delayed], *, scopes: dict[str, str], fan_in: int, name: str
+) -> Delayed:
+    """:class:`SmallSums` over every piece, as a fixed-shape tree."""
     level = list(pieces)
     depth = 0
     while True:
         level = [
             delayed(small_sums, pure=True)(
-                *level[i : i + fan_in], dask_key_name=f"{name}-l{depth}-{i}"
+                scopes, *level[i : i + fan_in], dask_key_name=f"{name}-l{depth}-{i}"
             )
             for i in range(0, len(level), fan_in)
         ]

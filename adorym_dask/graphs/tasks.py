@@ -7,8 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from adorym_dask.models.base import ForwardModel
-from adorym_dask.optimizers import ParameterState
+from adorym_dask.models.base import Batch, ForwardModel
 from adorym_dask.storage.measurements import TileSource, read_tiles
 from adorym_dask.storage.object_store import ObjectStore
 
@@ -27,16 +26,14 @@ class TileGroup:
         Angle index into the measurements.
     tiles : ndarray
         ``[G]`` tile indices.
-    positions_px : ndarray
-        ``[G, 2]`` (y, x) tile corners in object pixels.
     box : (int, int, int, int)
-        ``(y0, x0, h, w)``: the object box every tile of the group lies in.
+        ``(y0, x0, h, w)``: the object box every tile of the group lies in, with a halo wide
+        enough for the positions' allowed refinement.
     """
 
     index: int
     angle: int
     tiles: np.ndarray
-    positions_px: np.ndarray
     box: Box
 
 
@@ -47,29 +44,53 @@ def group_box(positions_px: np.ndarray, det_shape: tuple[int, int]) -> Box:
     return int(lo[0]), int(lo[1]), int(hi[0] - lo[0]), int(hi[1] - lo[1])
 
 
+def grow_box(box: Box, halo: int, shape: tuple[int, int]) -> Box:
+    """``box`` widened by ``halo`` pixels on every side, clipped to an object of ``shape``."""
+    y0, x0 = max(box[0] - halo, 0), max(box[1] - halo, 0)
+    y1 = min(box[0] + box[2] + halo, shape[0])
+    x1 = min(box[1] + box[3] + halo, shape[1])
+    return y0, x0, y1 - y0, x1 - x0
+
+
+def box_holds(box: Box, positions_px: np.ndarray, det_shape: tuple[int, int]) -> bool:
+    """Whether every tile at ``positions_px [G, 2]`` lies inside ``box``."""
+    inner = group_box(positions_px, det_shape)
+    return (inner[0] >= box[0] and inner[1] >= box[1]
+            and inner[0] + inner[2] <= box[0] + box[2] and inner[1] + inner[3] <= box[1] + box[3])
+
+
 @dataclass
 class GroupGradient:
     """What a tile-group task returns.
 
     Attributes
     ----------
-    index : int
-        The group's index.
+    index, angle : int
+        The group's index and angle.
+    tiles : ndarray
+        ``[G]`` its tile indices (where per-tile gradients go).
     box : (int, int, int, int)
         Object box the gradient covers.
     loss : float
         Sum of the group's per-tile losses times the minibatch scale.
     object_grad : ndarray
         ``[h, w, n_z, 2]`` float32 gradient over ``box``.
-    probe_grad : ndarray or None
-        ``[M, py, px]`` complex64 gradient of the probe (None when it is not refined).
+    grads : dict of ndarray
+        Gradient of every refined parameter in its own dtype: global parameters whole, per-tile
+        ones ``[G, ...]`` (the group's rows), per-angle ones the angle's row.
     """
 
     index: int
+    angle: int
+    tiles: np.ndarray
     box: Box
     loss: float
     object_grad: np.ndarray
-    probe_grad: np.ndarray | None
+    grads: dict[str, np.ndarray]
+
+
+def _leaf(value: np.ndarray, grad: bool) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(value)).requires_grad_(grad)
 
 
 def tile_group_gradient(
@@ -77,11 +98,12 @@ def tile_group_gradient(
     obj: ObjectStore,
     blocks: dict,
     source: TileSource,
-    probe: np.ndarray | ParameterState,
+    shared: dict[str, np.ndarray],
+    own: dict[str, np.ndarray],
     model: ForwardModel,
     *,
     scale: float,
-    want_probe_grad: bool,
+    refine: frozenset[str] | tuple[str, ...],
 ) -> GroupGradient:
     """Forward model, loss and backward pass for one tile group (all tiles and modes batched).
 
@@ -96,29 +118,35 @@ def tile_group_gradient(
         :mod:`adorym_dask.storage.object_store`); only ``group.box`` is read.
     source : TileSource
         Where the measured tiles are read from (only ``group.tiles``).
-    probe : ndarray or ParameterState
-        ``[M, py, px]`` complex64 probe modes (or the probe's optimizer state holding them).
+    shared : dict of ndarray
+        Global parameters (the probe ``[M, py, px]``, ...), one value for every task.
+    own : dict of ndarray
+        This group's rows of the per-tile and per-angle parameters (positions ``[G, 2]``).
     model : ForwardModel
         The physics.
     scale : float
         Weight of each tile's loss, ``1 / n_tiles_in_minibatch``, so that the sum over tasks is
         the minibatch mean.
-    want_probe_grad : bool
-        Also differentiate with respect to the probe.
+    refine : collection of str
+        Parameters to differentiate besides the object.
     """
     meas = torch.from_numpy(read_tiles(source, group.angle, group.tiles))
     box = torch.from_numpy(obj.read_box(group.box, blocks)).requires_grad_(True)
-    if isinstance(probe, ParameterState):
-        probe = probe.value
-    p = torch.from_numpy(np.ascontiguousarray(probe)).requires_grad_(want_probe_grad)
-    origin = np.asarray(group.box[:2], dtype=np.float64)
-    pred = model.predict(box, p, group.positions_px - origin)
+    params = {name: _leaf(v, name in refine) for name, v in {**shared, **own}.items()}
+    batch = Batch(origin=group.box[:2], angle=group.angle, tiles=group.tiles)
+    pred = model.predict(box, params, batch)
     loss = model.loss(pred, meas).sum() * scale
     loss.backward()
+    grads = {}
+    for name in refine:
+        g = params[name].grad
+        grads[name] = np.zeros_like(params[name].detach().numpy()) if g is None else g.numpy()
     return GroupGradient(
         index=group.index,
+        angle=group.angle,
+        tiles=group.tiles,
         box=group.box,
         loss=float(loss.detach()),
         object_grad=box.grad.numpy(),
-        probe_grad=p.grad.numpy() if want_probe_grad else None,
+        grads=grads,
     )

@@ -1,11 +1,88 @@
-"""The forward-model interface every technique implements."""
+"""The forward-model interface every technique implements, and its parameter declarations."""
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
 
 import numpy as np
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from adorym_dask.config import RunConfig
+    from adorym_dask.storage.measurements import Measurements
+
+Scope = Literal["global", "tile", "angle"]
+
+
+@dataclass(frozen=True)
+class ParameterSpec:
+    """A refinable experimental parameter that a model declares.
+
+    Attributes
+    ----------
+    name : str
+        The key under ``refine:`` (the output name without its unit suffix).
+    output : str
+        Variable name in the run store (``positions_px``, ``slice_spacings_m``, ...).
+    dims : tuple of str
+        Dimension names of the stored value (a complex value gains a trailing ``channel``).
+    scope : {"global", "tile", "angle"}
+        ``global`` values are shipped whole to every task; ``tile`` values have leading axes
+        ``[n_angles, n_tiles]`` and ``angle`` values ``[n_angles]``: a task gets the rows of its
+        own tiles (or angle) and returns their gradient, which the driver scatters back by
+        index, so only the entries a minibatch saw take an optimizer step.
+    dtype : str
+        NumPy dtype the value keeps (``complex64``, ``float32``, ``float64``, ...).
+    unit : str
+        Unit of the value and of ``refine.<name>.step_size``.
+    default_step : float
+        Default step size, in ``unit`` (or, with ``relative_step``, as a fraction of max |value|).
+    relative_step : bool
+        Step sizes are fractions of the start value's max |value| (the probe).
+    default_start_epoch : int
+        First epoch (0-based) that updates it when ``refine`` does not say.
+    refined_by_default : bool
+        Refined unless ``refine: {<name>: null}`` (the probe).
+    options : mapping
+        Extra keys accepted under ``refine.<name>`` and their defaults (``max_shift_px``).
+    """
+
+    name: str
+    output: str
+    dims: tuple[str, ...]
+    scope: Scope
+    dtype: str
+    unit: str
+    default_step: float
+    relative_step: bool = False
+    default_start_epoch: int = 0
+    refined_by_default: bool = False
+    options: Mapping[str, float] = field(default_factory=dict)
+
+    @property
+    def is_complex(self) -> bool:
+        return np.dtype(self.dtype).kind == "c"
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Where a group of tiles sits: handed to :meth:`ForwardModel.predict`.
+
+    Attributes
+    ----------
+    origin : (int, int)
+        Object pixel ``(y, x)`` of the box's corner.
+    angle : int
+        Angle index of every tile.
+    tiles : ndarray
+        ``[G]`` tile indices.
+    """
+
+    origin: tuple[int, int]
+    angle: int
+    tiles: np.ndarray
 
 
 @runtime_checkable
@@ -13,19 +90,31 @@ class ForwardModel(Protocol):
     """Predict measured intensities for a group of tiles from an object box.
 
     Instances are small, immutable and picklable: they are shipped inside every Dask task.
+    Every experimental parameter enters :meth:`predict` through ``params``, so its gradient
+    comes from autograd like the object's.
     """
 
-    def predict(self, obj_box: Tensor, probe: Tensor, positions_rel: np.ndarray) -> Tensor:
+    def parameter_specs(self) -> dict[str, ParameterSpec]:
+        """Every parameter the model takes, by ``refine`` name (refined or not)."""
+        ...
+
+    def initial_parameters(self, cfg: RunConfig, meas: Measurements) -> dict[str, np.ndarray]:
+        """Start values, by name; ``tile`` values ``[n_angles, n_tiles, ...]``."""
+        ...
+
+    def predict(self, obj_box: Tensor, params: dict[str, Tensor], batch: Batch) -> Tensor:
         """Return predicted intensities ``[G, det_y, det_x]``.
 
         Parameters
         ----------
         obj_box : Tensor
             ``[h, w, n_z, 2]`` float object values of the box the tiles see.
-        probe : Tensor
-            ``[n_modes, det_y, det_x]`` complex illumination.
-        positions_rel : ndarray
-            ``[G, 2]`` float (y, x) tile corners relative to the box origin.
+        params : dict of Tensor
+            Global parameters whole, ``tile`` parameters as the group's rows ``[G, ...]``,
+            ``angle`` parameters as the group's angle's row. Positions are ``[G, 2]`` (y, x)
+            tile corners in object pixels (not relative to the box).
+        batch : Batch
+            The box origin, angle and tile indices.
         """
         ...
 

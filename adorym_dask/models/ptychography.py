@@ -1,21 +1,36 @@
-"""Far-field (Fraunhofer) ptychography with multislice and incoherent probe modes."""
+"""Far-field (Fraunhofer) ptychography with (sparse) multislice and incoherent probe modes.
+
+Refinable parameters: the probe (refined by default), the probe positions (per tile, through
+the differentiable sub-pixel Fourier shift, Sec. 2.2 and Algorithm 1) and the slice spacings
+(Sec. 3.5), each declared by :meth:`FarFieldPtychography.parameter_specs`.
+"""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from adorym_dask.models.base import Batch, ParameterSpec
 from adorym_dask.models.losses import LOSSES
 from adorym_dask.physics.multislice import multislice, transmission_from_delta_beta
 from adorym_dask.physics.propagation import fraunhofer, fresnel_transfer_function
 from adorym_dask.physics.shifts import fourier_shift
 
+# Curvature of the loss in the far-field amplitude at a perfect fit: 2 for least squares on
+# amplitudes, 4 for Poisson; what the gd/momentum object step is scaled by.
+_LOSS_CURVATURE = {"lsq": 2.0, "poisson": 4.0}
+
 
 def farfield_intensities(
-    probe: Tensor, patches: Tensor, frac_shifts: Tensor, *, transfer_function: Tensor | None = None
+    probe: Tensor,
+    patches: Tensor,
+    frac_shifts: Tensor,
+    *,
+    transfer_function: Tensor | list[Tensor] | None = None,
 ) -> Tensor:
     """Far-field intensities of a group of tiles, summed over incoherent probe modes.
 
@@ -26,16 +41,17 @@ def farfield_intensities(
     patches : Tensor
         ``[S, G, py, px]`` complex transmission of each slice under each tile.
     frac_shifts : Tensor
-        ``[G, 2]`` sub-pixel (dy, dx) shift of the probe for each tile (0 <= shift < 1).
-    transfer_function : Tensor, optional
-        ``[py, px]`` Fresnel kernel between slices; required when ``S > 1``.
+        ``[G, 2]`` sub-pixel (dy, dx) shift of the probe for each tile (0 <= shift < 1); the
+        gradient with respect to it is the position gradient.
+    transfer_function : Tensor or list of Tensor, optional
+        ``[py, px]`` Fresnel kernel between slices, or one per gap; required when ``S > 1``.
 
     Returns
     -------
     Tensor
         ``[G, py, px]`` intensities, zero frequency at ``(py//2, px//2)``.
     """
-    if bool((frac_shifts != 0).any()):
+    if frac_shifts.requires_grad or bool((frac_shifts != 0).any()):
         shifted = fourier_shift(probe.unsqueeze(0), frac_shifts.unsqueeze(1))  # [G, M, py, px]
     else:
         shifted = probe.unsqueeze(0).expand(patches.shape[1], -1, -1, -1)
@@ -68,8 +84,10 @@ class FarFieldPtychography:
         ``"real_imag"`` (object = transmission) or ``"delta_beta"`` (refractive index).
     wavelength_m, pixel_size_m : float
         Wavelength and object-plane pixel size.
-    slice_spacing_m : float or None
-        Free-space distance between consecutive slices (multislice only).
+    n_modes, n_slices : int
+        Probe modes and object slices.
+    slice_spacings_m : tuple of float
+        Start value of the distance between consecutive slices, one per gap (may be unequal).
     slice_thickness_m : float
         Thickness of one slice for the delta/beta representation.
     loss_kind : str
@@ -82,11 +100,47 @@ class FarFieldPtychography:
     representation: str
     wavelength_m: float
     pixel_size_m: float
-    slice_spacing_m: float | None = None
+    n_modes: int = 1
+    n_slices: int = 1
+    slice_spacings_m: tuple[float, ...] = ()
     slice_thickness_m: float = 1e-8
     loss_kind: str = "lsq"
     mask: np.ndarray | None = None
 
+    # -- parameters --------------------------------------------------------------------------
+    def parameter_specs(self) -> dict[str, ParameterSpec]:
+        specs = {
+            "probe": ParameterSpec(
+                "probe", "probe", ("mode", "py", "px"), "global", "complex64",
+                unit="sqrt(photons)", default_step=0.01, relative_step=True,
+                default_start_epoch=1, refined_by_default=True,
+            ),
+            "positions": ParameterSpec(
+                "positions", "positions_px", ("angle", "tile", "yx"), "tile", "float64",
+                unit="px", default_step=0.2, default_start_epoch=2,
+                options={"max_shift_px": 10.0},
+            ),
+        }
+        if self.n_slices > 1:
+            mean = float(np.mean(self.slice_spacings_m))
+            specs["slice_spacings"] = ParameterSpec(
+                "slice_spacings", "slice_spacings_m", ("gap",), "global", "float64",
+                unit="m", default_step=0.01 * mean, default_start_epoch=2,
+            )
+        return specs
+
+    def initial_parameters(self, cfg, meas) -> dict[str, np.ndarray]:
+        from adorym_dask.parameters import initial_probe
+
+        values = {
+            "probe": initial_probe(cfg.probe, meas, n_modes=self.n_modes, seed=cfg.seed),
+            "positions": np.asarray(meas.positions_px, np.float64),
+        }
+        if self.n_slices > 1:
+            values["slice_spacings"] = np.asarray(self.slice_spacings_m, np.float64)
+        return values
+
+    # -- physics -----------------------------------------------------------------------------
     def slices(self, obj_box: Tensor) -> Tensor:
         """Complex transmission ``[S, h, w]`` of an object box ``[h, w, S, 2]``."""
         a, b = obj_box[..., 0].permute(2, 0, 1), obj_box[..., 1].permute(2, 0, 1)
@@ -96,27 +150,64 @@ class FarFieldPtychography:
             a, b, wavelength_m=self.wavelength_m, thickness_m=self.slice_thickness_m
         )
 
-    def transfer_function(self, n_slices: int, dtype: torch.dtype) -> Tensor | None:
-        if n_slices == 1:
+    def transfer_functions(self, spacings: Tensor | None, dtype: torch.dtype) -> list[Tensor] | None:
+        """One Fresnel kernel ``[py, px]`` per gap (differentiable in the spacings)."""
+        if self.n_slices == 1:
             return None
-        return fresnel_transfer_function(
-            self.det_shape,
-            pixel_size_m=self.pixel_size_m,
-            wavelength_m=self.wavelength_m,
-            distance_m=self.slice_spacing_m,
-            dtype=dtype,
+        if spacings is None:
+            spacings = torch.as_tensor(self.slice_spacings_m, dtype=torch.float64)
+        h = fresnel_transfer_function(
+            self.det_shape, pixel_size_m=self.pixel_size_m, wavelength_m=self.wavelength_m,
+            distance_m=spacings, dtype=dtype,
         )
+        return list(h.unbind(0))
 
-    def predict(self, obj_box: Tensor, probe: Tensor, positions_rel: np.ndarray) -> Tensor:
+    def predict(self, obj_box: Tensor, params: dict[str, Tensor], batch: Batch) -> Tensor:
         """Predicted intensities ``[G, det_y, det_x]``; see :class:`ForwardModel`."""
-        corners = np.floor(positions_rel).astype(np.int64)
-        frac = torch.as_tensor(positions_rel - corners, dtype=obj_box.dtype)
+        pos = params["positions"] - torch.as_tensor(batch.origin, dtype=params["positions"].dtype)
+        corners = torch.floor(pos.detach())
+        real = obj_box.dtype
+        frac = (pos - corners).to(real)
         slices = self.slices(obj_box)
-        patches = extract_patches(slices, corners, self.det_shape)
-        tf = self.transfer_function(slices.shape[0], slices.dtype)
+        patches = extract_patches(slices, corners.long().numpy(), self.det_shape)
+        tf = self.transfer_functions(params.get("slice_spacings"), slices.dtype)
+        probe = params["probe"].to(slices.dtype)
         return farfield_intensities(probe, patches, frac, transfer_function=tf)
 
     def loss(self, pred: Tensor, meas: Tensor) -> Tensor:
         """Per-tile loss ``[G]`` with the detector mask applied."""
         mask = None if self.mask is None else torch.as_tensor(self.mask)
         return LOSSES[self.loss_kind](pred, meas, mask=mask)
+
+    def object_curvature(self, params: dict[str, np.ndarray], n_tiles: int) -> float:
+        """Largest curvature ``L`` of a minibatch's mean loss in one object value, where a
+        single tile lights it: ``c |P|^2_max / (n_pixels n_tiles)`` (Gauss-Newton, ortho FFT),
+        times ``(k dz)^2`` for delta/beta. ``gd`` steps ``step_size / L`` times the gradient."""
+        probe = params["probe"]
+        peak = float((np.abs(probe) ** 2).sum(axis=0).max())
+        n_pix = float(self.mask.sum()) if self.mask is not None else float(np.prod(self.det_shape))
+        curvature = _LOSS_CURVATURE[self.loss_kind] * peak / (n_pix * max(n_tiles, 1))
+        if self.representation == "delta_beta":
+            curvature *= (2 * math.pi / self.wavelength_m * self.slice_thickness_m) ** 2
+        return curvature
+
+
+def build_ptychography(cfg, meas) -> FarFieldPtychography:
+    """The model of ``cfg.model`` (a :class:`~adorym_dask.config.PtychographyConfig`)."""
+    m = cfg.model
+    spacings = tuple(m.slice_spacings_m or ())
+    thickness = cfg.object.slice_thickness_m or (
+        float(np.mean(spacings)) if spacings else meas.pixel_size_m
+    )
+    return FarFieldPtychography(
+        det_shape=tuple(meas.det_shape),
+        representation=cfg.object.representation.value,
+        wavelength_m=meas.wavelength_m,
+        pixel_size_m=meas.pixel_size_m,
+        n_modes=m.probe_modes,
+        n_slices=m.slices,
+        slice_spacings_m=spacings,
+        slice_thickness_m=thickness,
+        loss_kind=m.loss.value,
+        mask=meas.mask,
+    )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -53,7 +54,7 @@ def multislice(
     psi: Tensor,
     slices: Tensor,
     *,
-    transfer_function: Tensor | None,
+    transfer_function: Tensor | Sequence[Tensor] | None,
 ) -> Tensor:
     """Multislice propagation of a wave through a stack of thin slices.
 
@@ -68,10 +69,12 @@ def multislice(
     slices : Tensor, shape [n_slices, ..., ny, nx], complex
         Transmission functions; ``slices[j]`` must broadcast against ``psi``
         (e.g. ``psi`` [G, M, ny, nx] and ``slices`` [S, G, 1, ny, nx]).
-    transfer_function : Tensor or None, shape broadcastable to [..., ny, nx]
-        Free-space transfer function on the unshifted FFT grid for the
-        inter-slice distance (see ``fresnel_transfer_function``). May be None
-        only when ``n_slices == 1``.
+    transfer_function : Tensor, sequence of Tensor, or None
+        Free-space transfer function(s) on the unshifted FFT grid (see
+        ``fresnel_transfer_function``), each broadcastable to [..., ny, nx]:
+        one tensor used between every pair of slices (equal spacing), or a
+        sequence of ``n_slices - 1``, one per gap (unequal spacing). May be
+        None only when ``n_slices == 1``.
 
     Returns
     -------
@@ -81,8 +84,16 @@ def multislice(
     n_slices = slices.shape[0]
     if n_slices > 1 and transfer_function is None:
         raise ValueError("transfer_function is required when n_slices > 1")
+    if isinstance(transfer_function, Tensor) or transfer_function is None:
+        kernels = [transfer_function] * (n_slices - 1)
+    else:
+        kernels = list(transfer_function)
+        if len(kernels) != n_slices - 1:
+            raise ValueError(
+                f"{len(kernels)} transfer functions given for {n_slices - 1} gaps between slices"
+            )
     for j in range(n_slices):
         psi = psi * slices[j]
         if j < n_slices - 1:
-            psi = torch.fft.ifft2(torch.fft.fft2(psi) * transfer_function)
+            psi = torch.fft.ifft2(torch.fft.fft2(psi) * kernels[j])
     return psi

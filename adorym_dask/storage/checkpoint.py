@@ -19,11 +19,13 @@ from pathlib import Path
 
 import numpy as np
 
+from adorym_dask.optimizers import ParameterState
 from adorym_dask.storage import location
+from adorym_dask.storage.durability import fsync_dir
 from adorym_dask.storage.object_store import StoreError
 
 FILE = "_checkpoint.npz"
-FORMAT = 1
+FORMAT = 2
 
 
 class CheckpointError(ValueError):
@@ -41,15 +43,22 @@ class Checkpoint:
     epoch, batch : int
         The next minibatch to run is number ``batch`` of epoch ``epoch``.
     step : int
-        Optimizer steps taken so far.
+        Minibatches run so far.
     loss : list of float
         Loss of every finished epoch.
     epoch_loss : (float, int)
         Tile-weighted loss sum and tile count of the current epoch so far.
-    probe, probe_state, probe_step, probe_step_size :
-        The probe ``[M, py, px]`` complex64, its optimizer arrays, step count and step size.
+    params : dict of ParameterState
+        Every model parameter (probe, positions, ...) with its optimizer arrays and step counts.
+    initial : dict of ndarray
+        Every parameter's start value (positions in the engine's frame).
     slots : ndarray
         ``[n_by, n_bx]`` int8: the slot holding each block's committed state.
+    block_steps : ndarray
+        ``[n_by, n_bx]`` int64: optimizer steps each block has taken.
+    boxes : ndarray or None
+        ``[n_groups, 4]`` int64 object boxes ``(y0, x0, h, w)`` of the plan's tile groups (the
+        groups' members follow from the start positions; a box may have been regrown).
     """
 
     config: dict
@@ -58,39 +67,52 @@ class Checkpoint:
     step: int
     loss: list[float]
     epoch_loss: tuple[float, int]
-    probe: np.ndarray
-    probe_state: dict[str, np.ndarray]
-    probe_step: int
+    params: dict[str, ParameterState]
+    initial: dict[str, np.ndarray]
     slots: np.ndarray
-    probe_step_size: float
+    block_steps: np.ndarray
+    boxes: np.ndarray | None = None
 
 
 def checkpoint_path(run: str | Path) -> Path:
     return Path(run) / FILE
 
 
-def save_checkpoint(run: str | Path, ck: Checkpoint) -> None:
-    """Atomically replace the run's checkpoint with ``ck``."""
+def _arrays(ck: Checkpoint) -> tuple[dict, dict[str, np.ndarray]]:
     meta = {
         "format": FORMAT, "config": ck.config, "epoch": ck.epoch, "batch": ck.batch,
         "step": ck.step, "loss": ck.loss, "epoch_loss": list(ck.epoch_loss),
-        "probe_step": ck.probe_step, "probe_state_names": sorted(ck.probe_state),
-        "probe_step_size": ck.probe_step_size,
+        "params": {n: sorted(ps.state) for n, ps in ck.params.items()},
     }
-    arrays = {f"probe_state_{k}": v for k, v in ck.probe_state.items()}
+    arrays = {"slots": ck.slots, "block_steps": ck.block_steps}
+    if ck.boxes is not None:
+        arrays["boxes"] = ck.boxes
+    for name, ps in ck.params.items():
+        arrays[f"param.{name}.value"] = ps.value
+        arrays[f"param.{name}.step"] = ps.step
+        arrays[f"initial.{name}"] = ck.initial[name]
+        for key, arr in ps.state.items():
+            arrays[f"param.{name}.state.{key}"] = arr
+    return meta, arrays
+
+
+def save_checkpoint(run: str | Path, ck: Checkpoint) -> None:
+    """Atomically replace the run's checkpoint with ``ck``."""
+    meta, arrays = _arrays(ck)
     if location.is_url(str(run)):
         buf = io.BytesIO()
-        np.savez(buf, meta=np.array(json.dumps(meta)), probe=ck.probe, slots=ck.slots, **arrays)
+        np.savez(buf, meta=np.array(json.dumps(meta)), **arrays)
         location.put_bytes(str(run), FILE, buf.getvalue())
         return
     path = checkpoint_path(run)
     tmp = path.with_name(f".{FILE}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as fh:
-            np.savez(fh, meta=np.array(json.dumps(meta)), probe=ck.probe, slots=ck.slots, **arrays)
+            np.savez(fh, meta=np.array(json.dumps(meta)), **arrays)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+        fsync_dir(path.parent)
     except OSError as err:
         tmp.unlink(missing_ok=True)
         raise StoreError(
@@ -113,19 +135,32 @@ def load_checkpoint(run: str | Path) -> Checkpoint:
     try:
         with np.load(io.BytesIO(data), allow_pickle=False) as z:
             meta = json.loads(str(z["meta"]))
-            probe_state = {k: z[f"probe_state_{k}"] for k in meta["probe_state_names"]}
+            if meta.get("format") != FORMAT:
+                raise CheckpointError(
+                    f"checkpoint {path} has format {meta.get('format')}, not {FORMAT}: it was "
+                    "written by another version of adorym-dask; start a new run"
+                )
+            params = {
+                name: ParameterState(
+                    z[f"param.{name}.value"],
+                    {k: z[f"param.{name}.state.{k}"] for k in keys},
+                    z[f"param.{name}.step"],
+                )
+                for name, keys in meta["params"].items()
+            }
             ck = Checkpoint(
                 config=meta["config"], epoch=meta["epoch"], batch=meta["batch"],
                 step=meta["step"], loss=list(meta["loss"]), epoch_loss=tuple(meta["epoch_loss"]),
-                probe=z["probe"], probe_state=probe_state, probe_step=meta["probe_step"],
-                slots=z["slots"], probe_step_size=meta["probe_step_size"],
+                params=params, initial={n: z[f"initial.{n}"] for n in params},
+                slots=z["slots"], block_steps=z["block_steps"],
+                boxes=z["boxes"] if "boxes" in z else None,
             )
     except (OSError, ValueError, KeyError, zipfile.BadZipFile, json.JSONDecodeError) as err:
+        if isinstance(err, CheckpointError):
+            raise
         raise CheckpointError(
             f"checkpoint {path} is damaged ({err}); it cannot be resumed: start a new run"
         ) from None
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"checkpoint {path} has format {meta.get('format')}, not {FORMAT}")
     return ck
 
 

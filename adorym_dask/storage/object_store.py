@@ -41,6 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from adorym_dask.storage import location
+from adorym_dask.storage.durability import fsync_file, fsync_zarr_chunk
 
 OBJECT = "object"
 STATE = "state"  # HDF5 dataset name
@@ -115,14 +116,19 @@ def initial_value(representation: str) -> tuple[float, float]:
 
 
 @functools.lru_cache(maxsize=64)
-def _zarr_array(path: str, name: str):
+def _zarr_array(path: str, name: str, token: str):
     return location.open_array(path, name)
 
 
-def zarr_array(path: str, name: str):
-    """Open (and cache per process) one array of a run store."""
+def zarr_array(path: str, name: str, token: str):
+    """Open (and cache per process) one array of a run store.
+
+    The cache is keyed by the store's run token as well as its path: a run that replaces the
+    store at the same path (``overwrite: true``, in the same process or on a long-lived cluster)
+    has a new token, so it never gets the previous run's array with its old shape.
+    """
     with _local_lock:
-        return _zarr_array(path, name)
+        return _zarr_array(path, name, token)
 
 
 @contextmanager
@@ -155,12 +161,15 @@ class ObjectStore:
         Shape and blocking.
     start : (float, float)
         Start value of the two channels.
+    token : str
+        The run token of the store (written in its attributes when it was created).
     """
 
     kind: str
     path: str
     geometry: Geometry
     start: tuple[float, float] = (1.0, 0.0)
+    token: str = ""
 
     # -- convenience passthroughs ---------------------------------------------------------------
     @property
@@ -198,7 +207,7 @@ class ObjectStore:
 
                 with _hdf5_lock(self.hdf5_path), h5py.File(self.hdf5_path, "r") as f:
                     return f[STATE][idx]
-            return np.asarray(zarr_array(self.path, STATE_ZARR)[idx])
+            return np.asarray(zarr_array(self.path, STATE_ZARR, self.token)[idx])
         except (OSError, ValueError, KeyError) as err:
             raise StoreError(
                 f"object store {self.path}: cannot read block {block} (slot {slot}): {err}. "
@@ -206,16 +215,21 @@ class ObjectStore:
             ) from None
 
     def write_slot(self, block: tuple[int, int], slot: int, data: np.ndarray) -> None:
-        """Write one block's state into one disk slot (a whole chunk)."""
+        """Write one block's state into one disk slot (a whole chunk) and put it on stable
+        storage (see :mod:`adorym_dask.storage.durability`) before returning."""
         idx = self._slot_index(block, slot)
         try:
             if self.kind == "hdf5":
                 import h5py
 
-                with _hdf5_lock(self.hdf5_path), h5py.File(self.hdf5_path, "r+") as f:
-                    f[STATE][idx] = data
+                with _hdf5_lock(self.hdf5_path):
+                    with h5py.File(self.hdf5_path, "r+") as f:
+                        f[STATE][idx] = data
+                    fsync_file(self.hdf5_path)
                 return
-            zarr_array(self.path, STATE_ZARR)[idx] = data
+            arr = zarr_array(self.path, STATE_ZARR, self.token)
+            arr[idx] = data
+            fsync_zarr_chunk(arr, self.path, STATE_ZARR, (slot, *block, 0, 0, 0))
         except OSError as err:
             raise StoreError(
                 f"object store {self.path}: cannot write block {block}: {err.strerror or err}. "
@@ -240,7 +254,9 @@ class ObjectStore:
     def publish(self, block: tuple[int, int], source) -> tuple[int, int]:
         """Copy a block's object channels into the run store's ``object`` array."""
         y0, x0, h, w = self.block_box(block)
-        zarr_array(self.path, OBJECT)[y0 : y0 + h, x0 : x0 + w] = self.load(block, source)[..., 0]
+        zarr_array(self.path, OBJECT, self.token)[y0 : y0 + h, x0 : x0 + w] = self.load(
+            block, source
+        )[..., 0]
         return block
 
     def read_box(self, box: tuple[int, int, int, int], sources: dict) -> np.ndarray:
@@ -275,18 +291,19 @@ def open_store(
     chunks: tuple[int, int],
     representation: str,
     n_state: int,
+    token: str = "",
 ) -> ObjectStore:
     """The handle of a store whose arrays exist (or are about to be made by create_store)."""
     chunks = (min(chunks[0], shape[0]), min(chunks[1], shape[1]))
     geometry = Geometry((*shape, 2), chunks, n_state)
-    return ObjectStore(kind, str(path), geometry, initial_value(representation))
+    return ObjectStore(kind, str(path), geometry, initial_value(representation), token)
 
 
 def create_store(kind: str, path: str | Path, **layout) -> ObjectStore:
     """Create the arrays of a store inside an existing (new) run group.
 
     ``layout`` is the keyword arguments of :func:`open_store` (shape, chunks, representation,
-    n_state); the handle it returns is returned here.
+    n_state, token); the handle it returns is returned here.
 
     The run group gets ``object`` (the published result, dims ``y, x, z, channel``) and, for
     disk stores, the two slots of every block's state (``state/blocks`` in zarr, or
@@ -337,7 +354,10 @@ def init_block(store: ObjectStore, block: tuple[int, int]):
 
 
 def checkpoint_block(store: ObjectStore, block: tuple[int, int], source, slot: int) -> BlockRef:
-    """Task (memory store): write a block's in-memory state to a zarr slot for a checkpoint."""
+    """Task (memory store): write a block's in-memory state to a zarr slot for a checkpoint,
+    on stable storage before it returns."""
     data = store.load(block, source)
-    zarr_array(store.path, STATE_ZARR)[store._slot_index(block, slot)] = data
+    arr = zarr_array(store.path, STATE_ZARR, store.token)
+    arr[store._slot_index(block, slot)] = data
+    fsync_zarr_chunk(arr, store.path, STATE_ZARR, (slot, *block, 0, 0, 0))
     return BlockRef(slot)

@@ -1,8 +1,12 @@
-"""Everything in a run store besides the object: probe, loss history, coordinates, provenance.
+"""Everything in a run store besides the object: parameters, loss history, coordinates,
+provenance.
 
 The store opens with ``xarray.open_zarr(path)``: ``object (y, x, z, channel)``,
-``probe (mode, py, px, channel)`` with channel = (real, imag), ``loss (epoch,)``, coordinates
-``y``, ``x``, ``z`` in metres, and the config and versions as attributes.
+``probe (mode, py, px, channel)`` with channel = (real, imag), one variable per model parameter
+(``positions_px (angle, tile, yx)`` in the input file's frame, ``slice_spacings_m (gap,)``,
+...) and ``<name>_initial`` beside each refined one, ``probe_mode_power (mode,)``,
+``loss (epoch,)``, coordinates ``y``, ``x``, ``z`` in metres, and the config and versions as
+attributes.
 """
 
 from __future__ import annotations
@@ -90,21 +94,27 @@ def _put(group: zarr.Group, name: str, data: np.ndarray, dims: list[str]) -> Non
 
 
 def write_coordinates(
-    path: str, *, shape: tuple[int, int, int], pixel_size_m: float, slice_spacing_m: float
+    path: str, *, shape: tuple[int, int], pixel_size_m: float, z_m: np.ndarray
 ) -> None:
-    """Physical coordinates (metres) of the object axes."""
+    """Physical coordinates (metres) of the object axes; ``z_m [n_z]`` the slice depths."""
     g = location.open_group(path)
-    for name, n, step in (("y", shape[0], pixel_size_m), ("x", shape[1], pixel_size_m),
-                          ("z", shape[2], slice_spacing_m)):
-        _put(g, name, np.arange(n, dtype=np.float64) * step, [name])
+    for name, values in (("y", np.arange(shape[0]) * pixel_size_m),
+                         ("x", np.arange(shape[1]) * pixel_size_m),
+                         ("z", np.asarray(z_m, np.float64))):
+        _put(g, name, np.asarray(values, np.float64), [name])
         g[name].attrs["units"] = "m"
 
 
-def write_progress(path: str, *, probe: np.ndarray, loss: list[float]) -> None:
-    """Store the current probe ``[M, py, px]`` complex and the loss history."""
-    g = location.open_group(path)
-    _put(g, "probe", as_real(probe), ["mode", "py", "px", "channel"])
-    _put(g, "loss", np.asarray(loss, np.float64), ["epoch"])
+def write_array(path: str, name: str, value: np.ndarray, dims: tuple[str, ...] | list[str]) -> None:
+    """Store one variable; a complex value gets a trailing ``channel`` = (real, imag)."""
+    if np.iscomplexobj(value):
+        value, dims = as_real(value), [*dims, "channel"]
+    _put(location.open_group(path), name, np.asarray(value), list(dims))
+
+
+def write_loss(path: str, loss: list[float]) -> None:
+    """Store the loss history (one value per finished epoch)."""
+    write_array(path, "loss", np.asarray(loss, np.float64), ["epoch"])
 
 
 def write_attrs(path: str, attrs: dict) -> None:

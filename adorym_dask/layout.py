@@ -1,0 +1,109 @@
+"""What a run is made of before it starts: the measurements, the object's extent and frame, the
+object's optimizer, and its regularizers and constraints."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from adorym_dask.config import ConfigError, RunConfig
+from adorym_dask.models.regularizers import ObjectRules, Regularizer
+from adorym_dask.optimizers import OptimizerSpec
+from adorym_dask.storage.measurements import (
+    Measurements,
+    check_positions_inside,
+    open_measurements,
+)
+
+FORMATS = {"auto": None, "native": None, "cxi": "cxi", "adorym": "adorym_h5"}
+DEFAULT_PHASE_STEP_RAD = 0.03  # measured: converges fastest among 0.01/0.03/0.1 on simulations
+# gd and momentum step the object by step_size / L (L the data term's curvature, see
+# FarFieldPtychography.object_curvature); Nesterov momentum 0.9 amplifies steps up to 10x.
+DEFAULT_CURVATURE_STEP = {"gd": 0.5, "momentum": 0.1}
+
+
+def load_measurements(cfg: RunConfig) -> Measurements:
+    d = cfg.data
+    return open_measurements(
+        d.path,
+        fmt=FORMATS[d.format.value],
+        energy_ev=d.energy_ev,
+        pixel_size_m=d.pixel_size_m,
+        detector_distance_m=d.detector_distance_m,
+        check_values=d.check_values,
+    )
+
+
+def object_layout(
+    cfg: RunConfig, meas: Measurements, *, movement_px: float = 0.0
+) -> tuple[tuple[int, int], np.ndarray]:
+    """The object's ``(n_y, n_x)`` and the offset from file positions to object pixels.
+
+    With ``object.shape_px`` the positions are used as given and must lie inside. Without it
+    the object is the smallest box holding every tile plus ``object.margin_px`` and the tiles'
+    allowed movement ``movement_px`` (refined positions) on each side.
+    """
+    pos = meas.positions_px
+    margin = cfg.object.margin_px + int(math.ceil(movement_px))
+    if cfg.object.shape_px is not None:
+        shape = tuple(cfg.object.shape_px)
+        offset = np.zeros(2)
+    else:
+        offset = margin - np.floor(pos.reshape(-1, 2).min(axis=0))
+        far = np.ceil(pos.reshape(-1, 2) + offset).max(axis=0) + np.asarray(meas.det_shape)
+        shape = tuple(int(v) + margin for v in far)
+    check_positions_inside(pos + offset, meas.det_shape, shape)
+    return shape, offset
+
+
+def object_optimizer(cfg: RunConfig, model) -> OptimizerSpec:
+    """The object's optimizer. For Adam the step is the configured one, or 0.03 rad of phase
+    per step: in transmission for real/imag objects, and for delta/beta the delta step whose
+    phase shift over one slice, k delta L, is 0.03 rad. For gd and momentum ``step_size`` is
+    a fraction of ``1/L`` (applied per minibatch by :func:`object_learning_rate`)."""
+    o = cfg.optimizer
+    name = o.name.value
+    if name != "adam" and not hasattr(model, "object_curvature"):
+        raise ConfigError(
+            f"optimizer.name: {name} scales its step by the model's object_curvature, which "
+            f"model {cfg.model.kind!r} does not provide; use optimizer.name: adam"
+        )
+    if o.step_size is not None:
+        step = o.step_size
+    elif name != "adam":
+        step = DEFAULT_CURVATURE_STEP[name]
+    elif cfg.object.representation.value == "real_imag":
+        step = DEFAULT_PHASE_STEP_RAD
+    else:
+        step = DEFAULT_PHASE_STEP_RAD / (2 * math.pi / model.wavelength_m * model.slice_thickness_m)
+    return OptimizerSpec(name, step, o.beta1, o.beta2, o.eps, o.momentum)
+
+
+def object_learning_rate(spec: OptimizerSpec, model, params: dict, n_tiles: int) -> OptimizerSpec:
+    """The spec a minibatch of ``n_tiles`` applies: Adam as is, gd/momentum ``step / L``."""
+    if spec.name == "adam":
+        return spec
+    return spec.with_step(spec.step_size / model.object_curvature(params, n_tiles))
+
+
+def object_rules(cfg: RunConfig) -> ObjectRules | None:
+    """Regularizers and constraints of the blockwise update (None when there are none)."""
+    n_z = getattr(cfg.model, "slices", 1)
+    regs = tuple(
+        Regularizer(
+            r.kind.value,
+            tuple(r.weight) if isinstance(r.weight, list) else (float(r.weight),) * n_z,
+            r.eps,
+        )
+        for r in cfg.regularizers
+    )
+    o = cfg.object
+    rules = ObjectRules(
+        representation=o.representation.value,
+        regularizers=regs,
+        constraint=o.constraint.value,
+        non_negative=o.non_negative,
+        support=o.support_path is not None or o.shrinkwrap is not None,
+    )
+    return rules if rules.active else None
