@@ -151,11 +151,19 @@ class ParameterState:
         return ParameterState.start(self.value, spec, self.step.shape)
 
 
+# Damping of a Gauss-Newton step, relative to the median curvature of the entries stepped
+# together: an entry that the data barely constrain (a tile over a flat region of the object)
+# takes a small step instead of an arbitrary one.
+GN_DAMPING = 0.1
+
+
 def parameter_step(
     ps: ParameterState,
     grad: np.ndarray,
     spec: OptimizerSpec,
     index: tuple = (),
+    *,
+    curvature: np.ndarray | None = None,
 ) -> ParameterState:
     """One optimizer step of the entries ``index`` of a parameter (pure).
 
@@ -173,9 +181,18 @@ def parameter_step(
     index : tuple
         Leading-axis index of the entries the gradient belongs to (``()``: all); the step
         counts of those entries advance.
+    curvature : ndarray, optional
+        A (Gauss-Newton) curvature estimate in ``grad``'s shape. With it, ``gd`` and
+        ``momentum`` step along the damped Newton direction ``grad / (curvature + lambda)``
+        (``lambda`` = :data:`GN_DAMPING` times the median curvature), each move capped at
+        ``step_size`` in the value's unit (a trust region); Adam ignores it.
     """
     state = {k: np.array(v) for k, v in ps.state.items()}
-    if spec.name in ("gd", "momentum"):
+    newton = curvature is not None and spec.name in ("gd", "momentum")
+    if newton:
+        damping = GN_DAMPING * float(np.median(curvature)) + np.finfo(np.float64).tiny
+        grad = grad / (curvature + damping)
+    elif spec.name in ("gd", "momentum"):
         if "gscale" not in state:
             peak = float(np.abs(grad).max())
             state["gscale"] = np.asarray(1.0 / peak if peak > 0 else 0.0)
@@ -187,7 +204,13 @@ def parameter_step(
     counts = step[index]
     counts = counts.reshape(counts.shape + (1,) * (real[index].ndim - counts.ndim))
     sub = {k: state[k][index] for k in spec.state_names}
-    x, sub = apply_step(real[index], g, sub, counts, spec)
+    if newton:
+        cap = spec.step_size
+        x0 = real[index]
+        x, sub = apply_step(x0, g, sub, counts, spec.with_step(1.0))
+        x = x0 + np.clip(x - x0, -cap, cap)
+    else:
+        x, sub = apply_step(real[index], g, sub, counts, spec)
     real[index] = x
     for k in spec.state_names:
         state[k][index] = sub[k]

@@ -90,7 +90,8 @@ def plan_refinements(
         if spec.relative_step:
             step *= float(np.abs(initial[name]).max())
         o = cfg.optimizer
-        name_opt = "adam" if entry is None or entry.optimizer is None else entry.optimizer.value
+        name_opt = (spec.default_optimizer if entry is None or entry.optimizer is None
+                    else entry.optimizer.value)
         start = spec.default_start_epoch if entry is None or entry.start_epoch is None else entry.start_epoch
         out[name] = Refinement(
             spec=spec,
@@ -199,12 +200,13 @@ def apply_gradients(
 def _step_rows(ps: ParameterState, r: Refinement, rows: list) -> ParameterState:
     """Scatter per-tile (or per-angle) gradients by index and step only those entries."""
     if r.spec.scope == "tile":
-        angles = np.concatenate([np.full(len(t), a) for a, t, _ in rows])
-        tiles = np.concatenate([t for _, t, _ in rows])
-        grad = np.concatenate([g for _, _, g in rows])
-        return parameter_step(ps, grad, r.optimizer, (angles, tiles))
+        angles = np.concatenate([np.full(len(t), a) for a, t, _, _ in rows])
+        tiles = np.concatenate([t for _, t, _, _ in rows])
+        grad = np.concatenate([g for _, _, g, _ in rows])
+        curv = None if any(c is None for *_, c in rows) else np.concatenate([c for *_, c in rows])
+        return parameter_step(ps, grad, r.optimizer, (angles, tiles), curvature=curv)
     by_angle: dict[int, np.ndarray] = {}
-    for a, _, g in rows:  # plan order: a fixed summation order per angle
+    for a, _, g, _ in rows:  # plan order: a fixed summation order per angle
         by_angle[a] = g if a not in by_angle else by_angle[a] + g
     angles = np.asarray(sorted(by_angle))
     grad = np.stack([by_angle[a] for a in angles])

@@ -224,9 +224,11 @@ class SimulationResult:
     probe : numpy.ndarray, shape [M, py, px], complex64
         Ground-truth probe modes (also saved as ``<stem>_probe.npy``).
     positions_px : numpy.ndarray, shape [n, 2], float64
-        Top-left ``(y, x)`` scan positions in object pixels.
+        True top-left ``(y, x)`` scan positions in object pixels (exposure centres).
     probe_path : pathlib.Path
         The ``<stem>_probe.npy`` file next to ``path``.
+    recorded_positions_px : numpy.ndarray, shape [n, 2], float64
+        The positions written to the file (with ``position_error_px`` added).
     """
 
     path: Path
@@ -234,6 +236,7 @@ class SimulationResult:
     probe: np.ndarray
     positions_px: np.ndarray
     probe_path: Path | None = None
+    recorded_positions_px: np.ndarray | None = None
 
 
 def probe_npy_path(path: str | Path) -> Path:
@@ -258,6 +261,9 @@ def simulate_ptychography(
     energy_ev: float = 10000.0,
     pixel_size_m: float = 10e-9,
     slice_spacing_m: float | None = None,
+    position_error_px: float = 0.0,
+    fly_scan_px: float = 0.0,
+    fly_substeps: int = 8,
     obj: np.ndarray | None = None,
     batch_size: int = 64,
     seed: int = 0,
@@ -300,6 +306,16 @@ def simulate_ptychography(
         Object pixel size in metres.
     slice_spacing_m : float, optional
         Distance between slices; default ``50 * pixel_size_m``.
+    position_error_px : float, optional
+        RMS per axis of Gaussian errors (seeded) added to the positions written to the file;
+        the true positions go to ``ground_truth/positions_px``.
+    fly_scan_px : float, optional
+        Fly scan (Sec. 3.4): during each exposure the probe moves this far along the fast axis
+        (x), and the pattern is the incoherent mean over ``fly_substeps`` equally spaced
+        sub-positions centred on the exposure's (true) position. The scan is kept far enough
+        from the object's edges for the whole path.
+    fly_substeps : int, optional
+        Sub-positions per exposure of a fly scan.
     obj : numpy.ndarray, shape [ny, nx] or [ny, nx, S], complex, optional
         Use this object instead of the test object (overrides
         ``object_shape`` and ``slices``).
@@ -324,8 +340,8 @@ def simulate_ptychography(
     The file holds ``intensities`` float32 [1, n, py, px] (fft-shifted),
     ``positions_px`` [n, 2], attributes ``energy_ev`` and ``pixel_size_m``,
     plus ``ground_truth/object`` float32 [ny, nx, S, 2] (real, imag),
-    ``ground_truth/probe`` float32 [M, py, px, 2] and, for ``S > 1``,
-    ``ground_truth/slice_spacing_m`` float64 [1].
+    ``ground_truth/probe`` float32 [M, py, px, 2], ``ground_truth/positions_px``
+    [n, 2] and, for ``S > 1``, ``ground_truth/slice_spacing_m`` float64 [1].
     """
     import torch
 
@@ -380,19 +396,25 @@ def simulate_ptychography(
         )
     py, px = pr.shape[-2:]
 
-    # ---- scan [n, 2]
+    # ---- scan [n, 2]: exposure centres; a fly scan's path needs room along x
+    reach = int(math.ceil(fly_scan_px / 2.0))
+    room = (o.shape[0], o.shape[1] - 2 * reach)
     if scan == "fermat":
-        pos = fermat_spiral_scan(o.shape, (py, px), n_positions=n_positions, seed=seed)
+        pos = fermat_spiral_scan(room, (py, px), n_positions=n_positions, seed=seed)
     elif scan == "raster":
         if step_px is None:
-            ey, ex = _scan_extent(o.shape, (py, px))
+            ey, ex = _scan_extent(room, (py, px))
             side = max(math.sqrt(max(n_positions, 1)) - 1.0, 1.0)
             step_px = max(max(ey, ex) / side, 1.0)
-        pos = raster_scan(o.shape, (py, px), step_px=step_px, seed=seed)
+        pos = raster_scan(room, (py, px), step_px=step_px, seed=seed)
     else:
         raise ValueError(f"scan must be 'fermat' or 'raster', got {scan!r}")
-    ij = np.floor(pos).astype(np.int64)
-    frac = pos - ij
+    pos = pos + np.array([0.0, reach])
+    if fly_scan_px > 0:
+        k = np.arange(int(fly_substeps))
+        travel = ((k + 0.5) / int(fly_substeps) - 0.5) * float(fly_scan_px)
+    else:
+        travel = np.zeros(1)
 
     # ---- forward model, in batches
     tf = None
@@ -409,17 +431,23 @@ def simulate_ptychography(
     probe_t = torch.from_numpy(pr)
     slices = torch.from_numpy(np.ascontiguousarray(np.moveaxis(o, 2, 0)).astype(np.complex64))
     n = len(pos)
-    intens = np.empty((n, py, px), dtype=np.float32)
+    intens = np.zeros((n, py, px), dtype=np.float64)
     with torch.no_grad():
-        for start in range(0, n, int(batch_size)):
-            sl = slice(start, min(start + int(batch_size), n))
-            patches = extract_patches(slices, ij[sl], (py, px))
-            fs = torch.from_numpy(frac[sl].astype(np.float32))
-            out = farfield_intensities(probe_t, patches, fs, transfer_function=tf)
-            intens[sl] = out.detach().cpu().numpy().astype(np.float32)
+        for dx in travel:
+            sub = pos + np.array([0.0, dx])
+            ij = np.floor(sub).astype(np.int64)
+            frac = sub - ij
+            for start in range(0, n, int(batch_size)):
+                sl = slice(start, min(start + int(batch_size), n))
+                patches = extract_patches(slices, ij[sl], (py, px))
+                fs = torch.from_numpy(frac[sl].astype(np.float32))
+                out = farfield_intensities(probe_t, patches, fs, transfer_function=tf)
+                intens[sl] += out.detach().cpu().numpy() / len(travel)
+    intens = intens.astype(np.float32)
+    rng = np.random.default_rng(seed)
     if poisson_noise:
-        rng = np.random.default_rng(seed)
         intens = rng.poisson(np.clip(intens, 0.0, None)).astype(np.float32)
+    recorded = pos + rng.normal(0.0, float(position_error_px), pos.shape) if position_error_px else pos
 
     # ---- write
     extra: dict[str, np.ndarray] = {
@@ -430,11 +458,12 @@ def simulate_ptychography(
         extra["ground_truth/slice_spacing_m"] = np.array(
             [slice_spacing_m], dtype=np.float64
         )
+    extra["ground_truth/positions_px"] = pos
     path.parent.mkdir(parents=True, exist_ok=True)
     write_measurements(
         path,
         intensities=intens[None],
-        positions_px=pos,
+        positions_px=recorded,
         energy_ev=float(energy_ev),
         pixel_size_m=float(pixel_size_m),
         extra=extra,
@@ -442,7 +471,8 @@ def simulate_ptychography(
     )
     np.save(ppath, pr)
     return SimulationResult(
-        path=path, object=o, probe=pr, positions_px=pos, probe_path=ppath
+        path=path, object=o, probe=pr, positions_px=pos, probe_path=ppath,
+        recorded_positions_px=recorded,
     )
 
 
@@ -493,6 +523,10 @@ def add_simulate_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     p.add_argument("--photons", type=float, default=1e6,
                    help="photons per pattern (default 1e6)")
     p.add_argument("--poisson", action="store_true", help="add Poisson noise")
+    p.add_argument("--position-error-px", type=float, default=0.0,
+                   help="RMS per axis of errors added to the recorded positions (default 0)")
+    p.add_argument("--fly-scan-px", type=float, default=0.0,
+                   help="fly scan: probe travel along x during each exposure (default 0)")
     p.add_argument("--energy-ev", type=float, default=10000.0,
                    help="photon energy in eV (default 10000)")
     p.add_argument("--pixel-size-m", type=float, default=1e-8,
@@ -520,6 +554,8 @@ def run_simulate(args: argparse.Namespace) -> int:
             slice_spacing_m=args.slice_spacing_m,
             photons_per_pattern=args.photons,
             poisson_noise=args.poisson,
+            position_error_px=args.position_error_px,
+            fly_scan_px=args.fly_scan_px,
             energy_ev=args.energy_ev,
             pixel_size_m=args.pixel_size_m,
             seed=args.seed,

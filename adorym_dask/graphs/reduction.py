@@ -91,8 +91,8 @@ class SmallSums:
     grads : dict
         Global parameters: the summed gradient.
     rows : dict
-        Per-tile and per-angle parameters: ``[(angle, tiles or None, grad), ...]`` in plan
-        order, each tile once; the driver scatters them by index.
+        Per-tile and per-angle parameters: ``[(angle, tiles or None, grad, curvature or None),
+        ...]`` in plan order, each tile once; the driver scatters them by index.
     """
 
     loss: float
@@ -124,7 +124,8 @@ def _as_sums(item: GroupGradient | SmallSums, scopes: dict[str, str]) -> SmallSu
         if scope == "global":
             sums.grads[name] = g
         else:
-            sums.rows[name] = [(item.angle, item.tiles if scope == "tile" else None, g)]
+            tiles = item.tiles if scope == "tile" else None
+            sums.rows[name] = [(item.angle, tiles, g, item.curvatures.get(name))]
     return sums
 
 

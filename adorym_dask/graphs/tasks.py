@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -78,6 +78,9 @@ class GroupGradient:
     grads : dict of ndarray
         Gradient of every refined parameter in its own dtype: global parameters whole, per-tile
         ones ``[G, ...]`` (the group's rows), per-angle ones the angle's row.
+    curvatures : dict of ndarray
+        For refined parameters whose curvature the model estimates (``model.curvature``), that
+        estimate in the gradient's shape and scale (positions: ``[G, 2]``).
     """
 
     index: int
@@ -87,6 +90,7 @@ class GroupGradient:
     loss: float
     object_grad: np.ndarray
     grads: dict[str, np.ndarray]
+    curvatures: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def _leaf(value: np.ndarray, grad: bool) -> torch.Tensor:
@@ -141,6 +145,11 @@ def tile_group_gradient(
     for name in refine:
         g = params[name].grad
         grads[name] = np.zeros_like(params[name].detach().numpy()) if g is None else g.numpy()
+    curvatures = {}
+    if hasattr(model, "curvature") and refine:
+        with torch.no_grad():
+            estimates = model.curvature(box, params, batch)
+        curvatures = {n: (c * scale).numpy() for n, c in estimates.items() if n in refine}
     return GroupGradient(
         index=group.index,
         angle=group.angle,
@@ -149,4 +158,5 @@ def tile_group_gradient(
         loss=float(loss.detach()),
         object_grad=box.grad.numpy(),
         grads=grads,
+        curvatures=curvatures,
     )

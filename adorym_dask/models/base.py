@@ -39,6 +39,8 @@ class ParameterSpec:
         Unit of the value and of ``refine.<name>.step_size``.
     default_step : float
         Default step size, in ``unit`` (or, with ``relative_step``, as a fraction of max |value|).
+    default_optimizer : str
+        Optimizer when ``refine.<name>.optimizer`` is not given.
     relative_step : bool
         Step sizes are fractions of the start value's max |value| (the probe).
     default_start_epoch : int
@@ -56,6 +58,7 @@ class ParameterSpec:
     dtype: str
     unit: str
     default_step: float
+    default_optimizer: str = "adam"
     relative_step: bool = False
     default_start_epoch: int = 0
     refined_by_default: bool = False

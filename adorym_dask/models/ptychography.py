@@ -115,9 +115,11 @@ class FarFieldPtychography:
                 unit="sqrt(photons)", default_step=0.01, relative_step=True,
                 default_start_epoch=1, refined_by_default=True,
             ),
+            # gd with the model's curvature: a damped Gauss-Newton step per tile, each move
+            # capped at step_size px (see curvature() and optimizers.parameter_step)
             "positions": ParameterSpec(
                 "positions", "positions_px", ("angle", "tile", "yx"), "tile", "float64",
-                unit="px", default_step=0.2, default_start_epoch=2,
+                unit="px", default_step=1.0, default_optimizer="gd", default_start_epoch=2,
                 options={"max_shift_px": 10.0},
             ),
         }
@@ -178,6 +180,34 @@ class FarFieldPtychography:
         """Per-tile loss ``[G]`` with the detector mask applied."""
         mask = None if self.mask is None else torch.as_tensor(self.mask)
         return LOSSES[self.loss_kind](pred, meas, mask=mask)
+
+    def curvature(self, obj_box: Tensor, params: dict[str, Tensor], batch: Batch) -> dict[str, Tensor]:
+        """Gauss-Newton curvature of each tile's loss in its position, ``{"positions": [G, 2]}``.
+
+        Moving the probe by ``dp`` over the object changes the far-field intensities as moving
+        the object by ``-dp`` under the probe does (the two differ by a far-field phase ramp),
+        so the exit wave changes by ``P dT/dp``, with ``T`` the product of the slices'
+        transmissions. The far-field amplitude changes by at most as much (ortho FFT), so
+        ``c sum_m sum_r |P_m|^2 |dT/dy|^2 / n_pixels`` (and likewise along x) bounds the
+        curvature from above: a flat region of the object gives (correctly) almost none.
+        """
+        pos = params["positions"].detach() - torch.as_tensor(batch.origin, dtype=torch.float64)
+        corners = torch.floor(pos).long().numpy()
+        patches = extract_patches(self.slices(obj_box.detach()), corners, self.det_shape)
+        t = patches.prod(dim=0)  # [G, py, px]
+        dy = torch.zeros_like(t)
+        dx = torch.zeros_like(t)
+        dy[:, 1:-1] = 0.5 * (t[:, 2:] - t[:, :-2])
+        dx[:, :, 1:-1] = 0.5 * (t[:, :, 2:] - t[:, :, :-2])
+        light = (params["probe"].detach().abs() ** 2).sum(dim=0).to(t.real.dtype)
+        if self.mask is not None:
+            n_pix = float(self.mask.sum())
+        else:
+            n_pix = float(np.prod(self.det_shape))
+        c = _LOSS_CURVATURE[self.loss_kind] / n_pix
+        hy = c * (light * dy.abs() ** 2).sum(dim=(-2, -1))
+        hx = c * (light * dx.abs() ** 2).sum(dim=(-2, -1))
+        return {"positions": torch.stack([hy, hx], dim=-1).to(torch.float64)}
 
     def object_curvature(self, params: dict[str, np.ndarray], n_tiles: int) -> float:
         """Largest curvature ``L`` of a minibatch's mean loss in one object value, where a
