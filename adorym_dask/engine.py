@@ -77,7 +77,7 @@ from adorym_dask.shrinkwrap import shrinkwrap
 
 log = logging.getLogger(__name__)
 MAX_RECOVERIES = 3
-DIVERGENCE_FACTOR = 1000.0  # an epoch's loss this many times the first epoch's stops the run
+DIVERGENCE_FACTOR = 1000.0  # an epoch's loss this many times the start loss stops the run
 
 
 class DivergenceError(RuntimeError):
@@ -200,6 +200,7 @@ class Reconstruction:
         location.open_group(self.path, mode="w" if cfg.overwrite else "w-")
         self.store = self._make_store(create=True)
         self.epoch, self.batch, self.step = 0, 0, 0
+        self.start_loss: float | None = None
         self.loss: list[float] = []
         self.epoch_loss = (0.0, 0)
         self.block_steps = np.zeros(self.store.geometry.n_blocks, np.int64)
@@ -262,10 +263,11 @@ class Reconstruction:
     def _restore(self, ck: Checkpoint) -> None:
         self.epoch, self.batch, self.step = ck.epoch, ck.batch, ck.step
         self.loss, self.epoch_loss = list(ck.loss), tuple(ck.epoch_loss)
+        self.start_loss = ck.start_loss
         self.params = {}
         for name, ps in ck.params.items():
             r = self.refinements.get(name)
-            if r is not None and set(ps.state) - {"gscale"} != set(r.optimizer.state_names):
+            if r is not None and set(ps.state) - {"gmax"} != set(r.optimizer.state_names):
                 log.warning("refine.%s: optimizer changed to %s; its state starts afresh",
                             name, r.optimizer.name)
                 ps = ps.reset(r.optimizer)
@@ -283,14 +285,17 @@ class Reconstruction:
             # the next memory checkpoint must not overwrite the slot this one names
             self.n_checkpoints = 1 - int(ck.slots.flat[0])
 
-    def _write_metadata(self) -> None:
-        spacings = self.initial.get("slice_spacings", np.zeros(0))
+    def _write_coordinates(self) -> None:
+        """y, x and z in metres; z follows the current (refined) slice spacings."""
+        spacings = self.params["slice_spacings"].value if "slice_spacings" in self.params else ()
         z = np.concatenate([[0.0], np.cumsum(spacings)]) if len(spacings) else (
             np.arange(self.obj_shape[2]) * self.meas.pixel_size_m
         )
         results.write_coordinates(
             self.path, shape=self.obj_shape[:2], pixel_size_m=self.meas.pixel_size_m, z_m=z
         )
+
+    def _write_metadata(self) -> None:
         results.write_attrs(self.path, {
             "config": self.cfg.model_dump(mode="json"),
             "versions": results.versions(),
@@ -322,7 +327,8 @@ class Reconstruction:
 
     def _write_parameters(self) -> None:
         """Every parameter, ``<name>_initial`` beside each refined one, and the probe's mode
-        powers, in the run store."""
+        powers, in the run store; the z coordinate with the current slice spacings."""
+        self._write_coordinates()
         for name, spec in self.specs.items():
             value = self._in_file_frame(name, self.params[name].value)
             results.write_array(self.path, spec.output, value, spec.dims)
@@ -348,7 +354,7 @@ class Reconstruction:
             config=self.cfg.model_dump(mode="json"), epoch=self.epoch, batch=self.batch,
             step=self.step, loss=self.loss, epoch_loss=self.epoch_loss, params=self.params,
             initial=self.initial, slots=self._slots() if slots is None else slots,
-            block_steps=self.block_steps,
+            block_steps=self.block_steps, start_loss=self.start_loss,
             boxes=np.asarray([g.box for g in self.groups], np.int64),
         ))
 
@@ -444,6 +450,8 @@ class Reconstruction:
             (sums,) = dask.compute(sums, scheduler=scheduler)
             new = self._settle(scheduler, dict(zip(graph.updates, updates)))
         self._check_finite(sums.loss, epoch, b)
+        if self.start_loss is None:
+            self.start_loss = float(sums.loss)  # the first minibatch, before any update
         params = apply_gradients(self.params, self.refinements, sums, bounds=self.bounds)
         for name, ps in params.items():
             if not np.all(np.isfinite(ps.value)):
@@ -478,11 +486,11 @@ class Reconstruction:
     def _end_epoch(self, scheduler) -> float:
         loss = self.epoch_loss[0] / max(self.epoch_loss[1], 1)
         self._check_finite(loss, self.epoch, self.batch)
-        if self.loss and loss > DIVERGENCE_FACTOR * self.loss[0]:
+        if self.start_loss is not None and loss > DIVERGENCE_FACTOR * self.start_loss:
             raise DivergenceError(
                 f"the loss of epoch {self.epoch} ({loss:.4g}) is over {DIVERGENCE_FACTOR:g} times "
-                f"that of epoch 0 ({self.loss[0]:.4g}): the reconstruction diverges. Lower "
-                f"{self._step_sizes()} and start again"
+                f"the loss at the start ({self.start_loss:.4g}): the reconstruction diverges. "
+                f"Lower {self._step_sizes()} and start again"
             )
         self.loss.append(loss)
         self.epoch += 1

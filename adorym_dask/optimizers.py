@@ -130,7 +130,7 @@ class ParameterState:
         ``[n_angles, n_tiles, 2]`` float64.
     state : dict
         Optimizer arrays on the real view of ``value`` (``[..., 2]`` for complex values), and
-        for ``gd``/``momentum`` the gradient scale ``gscale`` (0-d) once set.
+        for ``gd``/``momentum`` the largest gradient seen, ``gmax`` (0-d).
     step : ndarray
         int64 step counts: 0-d for a global parameter, ``[n_angles, n_tiles]`` per tile,
         ``[n_angles]`` per angle.
@@ -174,10 +174,10 @@ def parameter_step(
     grad : ndarray
         Gradient of ``value[index]`` (same dtype kind as the value).
     spec : OptimizerSpec
-        For ``gd`` and ``momentum``, ``spec.step_size`` is the size of the first step of the
-        largest element, in the value's unit: the gradient's scale ``1 / max|grad|`` of that
-        first step is kept in the state (``gscale``) and the learning rate is
-        ``step_size * gscale`` from then on, so later steps are plain gradient steps.
+        For ``gd`` and ``momentum``, ``spec.step_size`` is the largest step of any element, in
+        the value's unit: the learning rate is ``step_size / gmax`` with ``gmax`` the largest
+        ``|grad|`` seen so far (kept in the state), so a step is never larger than
+        ``step_size``, and steps shrink with the gradient as the parameter converges.
     index : tuple
         Leading-axis index of the entries the gradient belongs to (``()``: all); the step
         counts of those entries advance.
@@ -193,10 +193,9 @@ def parameter_step(
         damping = GN_DAMPING * float(np.median(curvature)) + np.finfo(np.float64).tiny
         grad = grad / (curvature + damping)
     elif spec.name in ("gd", "momentum"):
-        if "gscale" not in state:
-            peak = float(np.abs(grad).max())
-            state["gscale"] = np.asarray(1.0 / peak if peak > 0 else 0.0)
-        spec = spec.with_step(spec.step_size * float(state["gscale"]))
+        peak = max(float(np.abs(grad).max()), float(state.get("gmax", 0.0)))
+        state["gmax"] = np.asarray(peak)
+        spec = spec.with_step(spec.step_size / peak if peak > 0 else 0.0)
     real = real_view(ps.value)
     g = real_view(grad).astype(real.dtype, copy=False)
     step = ps.step.copy()

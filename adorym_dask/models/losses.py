@@ -51,8 +51,7 @@ def poisson(pred: Tensor, meas: Tensor, *, mask: Tensor | None = None) -> Tensor
     Shapes as in :func:`lsq_amplitude`.
     """
     meas = meas.clamp_min(0.0)
-    data_term = torch.xlogy(meas, meas)
-    return _masked_mean(pred - meas - meas * torch.log(pred + _EPS) + data_term, mask)
+    return _masked_mean(pred - meas - meas * torch.log((pred + _EPS) / (meas + _EPS)), mask)
 
 
 LOSSES: dict[str, Callable[..., Tensor]] = {"lsq": lsq_amplitude, "poisson": poisson}

@@ -56,6 +56,8 @@ class Checkpoint:
         ``[n_by, n_bx]`` int8: the slot holding each block's committed state.
     block_steps : ndarray
         ``[n_by, n_bx]`` int64: optimizer steps each block has taken.
+    start_loss : float or None
+        Loss of the run's first minibatch, before any update (the divergence check's scale).
     boxes : ndarray or None
         ``[n_groups, 4]`` int64 object boxes ``(y0, x0, h, w)`` of the plan's tile groups (the
         groups' members follow from the start positions; a box may have been regrown).
@@ -72,6 +74,7 @@ class Checkpoint:
     slots: np.ndarray
     block_steps: np.ndarray
     boxes: np.ndarray | None = None
+    start_loss: float | None = None
 
 
 def checkpoint_path(run: str | Path) -> Path:
@@ -83,6 +86,7 @@ def _arrays(ck: Checkpoint) -> tuple[dict, dict[str, np.ndarray]]:
         "format": FORMAT, "config": ck.config, "epoch": ck.epoch, "batch": ck.batch,
         "step": ck.step, "loss": ck.loss, "epoch_loss": list(ck.epoch_loss),
         "params": {n: sorted(ps.state) for n, ps in ck.params.items()},
+        "start_loss": ck.start_loss,
     }
     arrays = {"slots": ck.slots, "block_steps": ck.block_steps}
     if ck.boxes is not None:
@@ -154,6 +158,7 @@ def load_checkpoint(run: str | Path) -> Checkpoint:
                 params=params, initial={n: z[f"initial.{n}"] for n in params},
                 slots=z["slots"], block_steps=z["block_steps"],
                 boxes=z["boxes"] if "boxes" in z else None,
+                start_loss=meta.get("start_loss"),
             )
     except (OSError, ValueError, KeyError, zipfile.BadZipFile, json.JSONDecodeError) as err:
         if isinstance(err, CheckpointError):
