@@ -171,7 +171,8 @@ class Reconstruction:
         self.halo = int(math.ceil(self.max_shift))
         det = np.asarray(self.meas.det_shape, np.float64)
         self.bounds = PositionBounds(
-            initial["positions"], self.max_shift, np.zeros(2), np.asarray(shape) - det
+            initial["positions"], self.max_shift, np.zeros(2), np.asarray(shape) - det,
+            hold_affine=bool(moves.options["hold_affine"]) if moves is not None else False,
         )
         group_size = min(cfg.tile_group_size, cfg.minibatch_size)
         self.groups = plan_tile_groups(

@@ -120,7 +120,7 @@ class FarFieldPtychography:
             "positions": ParameterSpec(
                 "positions", "positions_px", ("angle", "tile", "yx"), "tile", "float64",
                 unit="px", default_step=1.0, default_optimizer="gd", default_start_epoch=2,
-                options={"max_shift_px": 10.0},
+                options={"max_shift_px": 10.0, "hold_affine": False},
             ),
         }
         if self.n_slices > 1:
