@@ -61,7 +61,6 @@ def test_raster_scan_inside():
 
 
 def test_default_probe_shape_power():
-    pytest.importorskip("adorym_dask.physics.probes")
     p = sim.default_probe((64, 64), energy_ev=10000.0, pixel_size_m=1e-8, n_modes=2,
                           photons_per_pattern=1e5)
     assert p.shape == (2, 64, 64) and p.dtype == np.complex64
@@ -82,9 +81,6 @@ def _read_intensities(path):
 
 
 def test_simulation_energy_conservation(tmp_path):
-    pytest.importorskip("adorym_dask.models.ptychography")
-    pytest.importorskip("adorym_dask.storage.measurements")
-    pytest.importorskip("adorym_dask.physics.probes")
     rng = np.random.default_rng(0)
     phase = ndimage.gaussian_filter(rng.normal(size=(72, 72, 2)), (2, 2, 0)) * 5
     obj = np.exp(1j * phase).astype(np.complex64)  # |O| = 1
@@ -109,9 +105,6 @@ def test_simulation_energy_conservation(tmp_path):
 
 
 def test_simulation_cli_and_ground_truth(tmp_path):
-    pytest.importorskip("adorym_dask.models.ptychography")
-    pytest.importorskip("adorym_dask.storage.measurements")
-    pytest.importorskip("adorym_dask.physics.probes")
     import h5py
 
     out = tmp_path / "cli.h5"
@@ -208,9 +201,6 @@ def test_epie_converges_on_small_simulation():
 
 def test_epie_reconstructs_adorym_dask_simulation(tmp_path):
     """Cross-check of conventions: the independent numpy ePIE inverts our simulator."""
-    pytest.importorskip("adorym_dask.models.ptychography")
-    pytest.importorskip("adorym_dask.storage.measurements")
-    pytest.importorskip("adorym_dask.physics.probes")
     # extent 81 - 32 - 1 = 48 = 8 * 6  ->  integer raster positions
     res = sim.simulate_ptychography(
         tmp_path / "x.h5", object_shape=(81, 81), probe_shape=(32, 32), scan="raster",
