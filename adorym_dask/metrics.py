@@ -14,6 +14,7 @@ import numpy as np
 from scipy import ndimage
 
 __all__ = [
+    "in_object_frame",
     "remove_global_phase",
     "align_images",
     "phase_ssim",
@@ -293,3 +294,23 @@ def illumination_mask(
     if mx <= 0:
         return np.zeros((ny, nx), dtype=bool)
     return acc / mx > threshold
+
+
+def in_object_frame(
+    image: np.ndarray, shape: tuple[int, int], offset_px: np.ndarray, *, fill: complex = 1.0
+) -> np.ndarray:
+    """``image`` (e.g. a simulation's true object, in the data's pixel frame) placed on a
+    reconstruction's grid of ``shape``, where object pixel = data pixel + ``offset_px`` (the
+    run's ``position_offset_px``, rounded); pixels it does not cover get ``fill`` (vacuum).
+
+    ``image [ny, nx, ...]`` -> ``[shape[0], shape[1], ...]``.
+    """
+    off = np.round(np.asarray(offset_px)).astype(int)
+    out = np.full((*shape, *image.shape[2:]), fill, dtype=np.result_type(image, type(fill)))
+    src, dst = [], []
+    for axis in range(2):
+        lo, hi = max(0, -off[axis]), min(image.shape[axis], shape[axis] - off[axis])
+        src.append(slice(lo, hi))
+        dst.append(slice(lo + off[axis], hi + off[axis]))
+    out[tuple(dst)] = image[tuple(src)]
+    return out

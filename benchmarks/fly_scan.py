@@ -40,7 +40,7 @@ def position_errors(refined: np.ndarray, truth: np.ndarray) -> np.ndarray:
 def reconstruct(sim, out: Path, *, modes: int, refine_positions: bool, epochs: int) -> dict:
     from adorym_dask.config import config_from_dict
     from adorym_dask.engine import run
-    from adorym_dask.metrics import align_images, illumination_mask, phase_ssim
+    from adorym_dask.metrics import align_images, illumination_mask, in_object_frame, phase_ssim
 
     cfg = config_from_dict({
         "data": {"path": str(sim.path)},
@@ -57,13 +57,7 @@ def reconstruct(sim, out: Path, *, modes: int, refine_positions: bool, epochs: i
     obj = result.object()
     recon = obj[:, :, 0, 0] + 1j * obj[:, :, 0, 1]
     off = result.position_offset_px.astype(int)
-    truth = np.ones_like(recon)
-    src, dst = [], []
-    for axis in range(2):
-        lo, hi = max(0, -off[axis]), min(sim.object.shape[axis], recon.shape[axis] - off[axis])
-        src.append(slice(lo, hi))
-        dst.append(slice(lo + off[axis], hi + off[axis]))
-    truth[tuple(dst)] = sim.object[tuple(src) + (0,)]
+    truth = in_object_frame(sim.object[:, :, 0], recon.shape, off)
     mask = illumination_mask(sim.probe, sim.positions_px + off, truth.shape)
     err = position_errors(result.positions_px[0], sim.positions_px)
     return {

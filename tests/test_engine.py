@@ -15,7 +15,12 @@ from adorym_dask.engine import Reconstruction, run
 from adorym_dask.graphs.minibatch import epoch_minibatches
 from adorym_dask.graphs.reduction import add_in_order, crop_sum
 from adorym_dask.graphs.tasks import tile_group_gradient
-from adorym_dask.metrics import aligned_phase_correlation, illumination_mask, phase_ssim
+from adorym_dask.metrics import (
+    aligned_phase_correlation,
+    illumination_mask,
+    in_object_frame,
+    phase_ssim,
+)
 from adorym_dask.models.base import Batch
 from adorym_dask.optimizers import OptimizerSpec, adam_step
 from adorym_dask.refinement import group_rows, shared_values
@@ -164,14 +169,7 @@ def test_defaults_converge_from_data_probe(tmp_path):
     recon = obj[:, :, 0, 0] + 1j * obj[:, :, 0, 1]
     # Compare in the object's frame: object pixel = data pixel + position offset.
     off = result.position_offset_px.astype(int)
-    truth = np.ones_like(recon)
-    src, dst = [], []
-    for axis in range(2):
-        lo = max(0, -off[axis])
-        hi = min(sim.object.shape[axis], recon.shape[axis] - off[axis])
-        src.append(slice(lo, hi))
-        dst.append(slice(lo + off[axis], hi + off[axis]))
-    truth[tuple(dst)] = sim.object[tuple(src) + (0,)]
+    truth = in_object_frame(sim.object[:, :, 0], recon.shape, off)
     mask = illumination_mask(sim.probe, sim.positions_px + off, truth.shape)
     corr = aligned_phase_correlation(recon, truth, mask=mask)
     assert corr >= 0.9, corr

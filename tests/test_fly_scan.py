@@ -25,7 +25,7 @@ import pytest
 
 from adorym_dask.config import config_from_dict
 from adorym_dask.engine import run
-from adorym_dask.metrics import align_images, illumination_mask, phase_ssim
+from adorym_dask.metrics import align_images, illumination_mask, in_object_frame, phase_ssim
 from adorym_dask.simulate import simulate_ptychography
 
 ERROR_RMS_PX = 3.0
@@ -64,13 +64,7 @@ def _run(fly, out: Path, *, modes: int, refine_positions: bool):
     obj = result.object()
     recon = obj[:, :, 0, 0] + 1j * obj[:, :, 0, 1]
     off = result.position_offset_px.astype(int)
-    truth = np.ones_like(recon)  # the true object in the reconstruction's frame
-    src, dst = [], []
-    for axis in range(2):
-        lo, hi = max(0, -off[axis]), min(fly.object.shape[axis], recon.shape[axis] - off[axis])
-        src.append(slice(lo, hi))
-        dst.append(slice(lo + off[axis], hi + off[axis]))
-    truth[tuple(dst)] = fly.object[tuple(src) + (0,)]
+    truth = in_object_frame(fly.object[:, :, 0], recon.shape, off)
     mask = illumination_mask(fly.probe, fly.positions_px + off, truth.shape)
     ssim = phase_ssim(align_images(recon, truth)[0], truth, mask=mask)
     rms = position_rms(result.positions_px[0], fly.positions_px)

@@ -70,5 +70,11 @@ def fsync_zarr_chunk(array, store_path: str, array_path: str, coords: tuple[int,
         return
     key = array.metadata.encode_chunk_key(coords)
     chunk = root / array_path / key
-    fsync_file(chunk)
-    fsync_dir(chunk.parent)
+    if chunk.exists():
+        fsync_file(chunk)
+    # zarr stores no file for a chunk equal to the fill value (and deletes an old one): then
+    # the folder entry is what must reach the disk
+    folder = chunk.parent
+    while not folder.exists() and folder != root:
+        folder = folder.parent
+    fsync_dir(folder)
