@@ -23,7 +23,6 @@ import logging
 import math
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import dask
@@ -44,7 +43,6 @@ from adorym_dask.layout import (
     object_optimizer,
     object_rules,
 )
-from adorym_dask.parameters import mode_power_fractions
 from adorym_dask.refinement import (
     PositionBounds,
     apply_gradients,
@@ -55,10 +53,11 @@ from adorym_dask.refinement import (
 )
 from adorym_dask.registry import model_builder
 from adorym_dask.storage import location, results
+from adorym_dask.storage.results import RunResult
 from adorym_dask.storage.checkpoint import (
     Checkpoint,
     CheckpointError,
-    config_differences,
+    check_resumable,
     load_checkpoint,
     save_checkpoint,
 )
@@ -82,36 +81,6 @@ DIVERGENCE_FACTOR = 1000.0  # an epoch's loss this many times the start loss sto
 
 class DivergenceError(RuntimeError):
     """The loss became NaN/inf or grew far above its start: the step sizes are too large."""
-
-
-@dataclass
-class RunResult:
-    """Where a run wrote its result, and its small outputs."""
-
-    output: Path | str
-    loss: list[float]
-    params: dict[str, np.ndarray]
-    position_offset_px: np.ndarray = field(default_factory=lambda: np.zeros(2))
-
-    @property
-    def probe(self) -> np.ndarray:
-        """The probe ``[M, py, px]`` complex (models that have one)."""
-        return self.params["probe"]
-
-    @property
-    def positions_px(self) -> np.ndarray:
-        """Positions ``[n_angles, n_tiles, 2]`` in the input file's frame."""
-        return self.params["positions"] - self.position_offset_px
-
-    def open(self):
-        """The run store as an ``xarray.Dataset``."""
-        import xarray as xr
-
-        return xr.open_zarr(location.zarr_store(str(self.output)))
-
-    def object(self) -> np.ndarray:
-        """The object ``[n_y, n_x, n_z, 2]`` (loads it whole)."""
-        return np.asarray(location.open_array(str(self.output), OBJECT, mode="r")[...])
 
 
 def _recoverable() -> tuple[type[BaseException], ...]:
@@ -186,11 +155,11 @@ class Reconstruction:
     # -- set-up -----------------------------------------------------------------------------------
     def _initial_values(self) -> dict[str, np.ndarray]:
         values = self.model.initial_parameters(self.cfg, self.meas)
-        missing = sorted(set(self.specs) - set(values))
-        if missing or "positions" not in values:
+        if set(values) != set(self.specs) or "positions" not in self.specs:
             raise ConfigError(
                 f"model {self.cfg.model.kind!r} declares {sorted(self.specs)} but gives start "
-                f"values for {sorted(values)}; every model needs 'positions'"
+                f"values for {sorted(values)}: a model gives one for every parameter it "
+                "declares, and declares 'positions' (the tiles' corners)"
             )
         return values
 
@@ -224,29 +193,8 @@ class Reconstruction:
     def _check_resume(self, allow_config_change: bool) -> Checkpoint:
         """The stored run's last commit, if this config may continue it."""
         ck = load_checkpoint(self.path)
-        new = self.cfg.model_dump(mode="json")
-        diffs = config_differences(ck.config, new)
-        if diffs and not allow_config_change:
-            raise CheckpointError(
-                f"the config differs from the one {self.path} was run with: "
-                + "; ".join(diffs)
-                + ". Restore those values, or resume anyway with --allow-config-change"
-            )
-        old_opt = ck.config["optimizer"]["name"]
-        if old_opt != new["optimizer"]["name"]:
-            raise CheckpointError(
-                f"optimizer.name: {old_opt} -> {new['optimizer']['name']}: the object's optimizer "
-                "state is stored with every block and cannot change in a resumed run; resume with "
-                f"optimizer.name: {old_opt}, or start a new run"
-            )
-        if ck.batch > 0:
-            for key in ("minibatch_size", "tile_group_size", "seed"):
-                if ck.config[key] != new[key]:
-                    raise CheckpointError(
-                        f"{key}: {ck.config[key]} -> {new[key]} in the middle of epoch {ck.epoch} "
-                        f"(after minibatch {ck.batch}) would skip or repeat tiles; resume with "
-                        f"{key}: {ck.config[key]} (it may change at the start of an epoch)"
-                    )
+        check_resumable(ck, self.cfg.model_dump(mode="json"), self.path,
+                        allow_config_change=allow_config_change)
         return ck
 
     def _open_existing(self, ck: Checkpoint) -> None:
@@ -286,16 +234,6 @@ class Reconstruction:
             # the next memory checkpoint must not overwrite the slot this one names
             self.n_checkpoints = 1 - int(ck.slots.flat[0])
 
-    def _write_coordinates(self) -> None:
-        """y, x and z in metres; z follows the current (refined) slice spacings."""
-        spacings = self.params["slice_spacings"].value if "slice_spacings" in self.params else ()
-        z = np.concatenate([[0.0], np.cumsum(spacings)]) if len(spacings) else (
-            np.arange(self.obj_shape[2]) * self.meas.pixel_size_m
-        )
-        results.write_coordinates(
-            self.path, shape=self.obj_shape[:2], pixel_size_m=self.meas.pixel_size_m, z_m=z
-        )
-
     def _write_metadata(self) -> None:
         results.write_attrs(self.path, {
             "config": self.cfg.model_dump(mode="json"),
@@ -323,23 +261,16 @@ class Reconstruction:
         """Current probe ``[M, py, px]`` complex64."""
         return self.params["probe"].value
 
-    def _in_file_frame(self, name: str, value: np.ndarray) -> np.ndarray:
-        return value - self.offset if name == "positions" else value
-
     def _write_parameters(self) -> None:
-        """Every parameter, ``<name>_initial`` beside each refined one, and the probe's mode
-        powers, in the run store; the z coordinate with the current slice spacings."""
-        self._write_coordinates()
-        for name, spec in self.specs.items():
-            value = self._in_file_frame(name, self.params[name].value)
-            results.write_array(self.path, spec.output, value, spec.dims)
-            if name in self.refinements:
-                start = self._in_file_frame(name, self.initial[name])
-                results.write_array(self.path, f"{spec.output}_initial", start, spec.dims)
-        if "probe" in self.params:
-            results.write_array(
-                self.path, "probe_mode_power", mode_power_fractions(self.probe), ["mode"]
-            )
+        results.write_parameters(
+            self.path, self.specs, self.values(), self.initial, refined=set(self.refinements),
+            offset_px=self.offset,
+        )
+        spacings = self.params["slice_spacings"].value if "slice_spacings" in self.params else ()
+        results.write_coordinates(
+            self.path, shape=self.obj_shape, pixel_size_m=self.meas.pixel_size_m,
+            slice_spacings_m=spacings,
+        )
 
     # -- commits ----------------------------------------------------------------------------------
     def _slots(self) -> np.ndarray:

@@ -185,3 +185,31 @@ def config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
         elif a != b:
             diffs.append(f"{prefix}{key}: {a!r} -> {b!r}")
     return diffs
+
+
+def check_resumable(ck: Checkpoint, new: dict, run: str, *, allow_config_change: bool) -> None:
+    """Raise :class:`CheckpointError` unless a run with config ``new`` (JSON form) may continue
+    from ``ck``: science keys unchanged (or ``allow_config_change``), and in any case the same
+    object optimizer (its state is stored with every block), and the same minibatching in the
+    middle of an epoch (otherwise tiles would be skipped or repeated)."""
+    diffs = config_differences(ck.config, new)
+    if diffs and not allow_config_change:
+        raise CheckpointError(
+            f"the config differs from the one {run} was run with: " + "; ".join(diffs)
+            + ". Restore those values, or resume anyway with --allow-config-change"
+        )
+    old_opt = ck.config["optimizer"]["name"]
+    if old_opt != new["optimizer"]["name"]:
+        raise CheckpointError(
+            f"optimizer.name: {old_opt} -> {new['optimizer']['name']}: the object's optimizer "
+            "state is stored with every block and cannot change in a resumed run; resume with "
+            f"optimizer.name: {old_opt}, or start a new run"
+        )
+    if ck.batch > 0:
+        for key in ("minibatch_size", "tile_group_size", "seed"):
+            if ck.config[key] != new[key]:
+                raise CheckpointError(
+                    f"{key}: {ck.config[key]} -> {new[key]} in the middle of epoch {ck.epoch} "
+                    f"(after minibatch {ck.batch}) would skip or repeat tiles; resume with "
+                    f"{key}: {ck.config[key]} (it may change at the start of an epoch)"
+                )

@@ -16,6 +16,7 @@ import os
 import subprocess
 import tempfile
 import warnings
+from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -23,7 +24,9 @@ import numpy as np
 import zarr
 
 from adorym_dask.optimizers import as_real
+from adorym_dask.parameters import mode_power_fractions
 from adorym_dask.storage import location
+from adorym_dask.storage.object_store import OBJECT
 
 
 class OutputError(OSError):
@@ -94,13 +97,17 @@ def _put(group: zarr.Group, name: str, data: np.ndarray, dims: list[str]) -> Non
 
 
 def write_coordinates(
-    path: str, *, shape: tuple[int, int], pixel_size_m: float, z_m: np.ndarray
+    path: str, *, shape: tuple[int, int, int], pixel_size_m: float, slice_spacings_m=()
 ) -> None:
-    """Physical coordinates (metres) of the object axes; ``z_m [n_z]`` the slice depths."""
+    """Physical coordinates (metres) of the object axes ``shape = (n_y, n_x, n_z)``: z is the
+    depth of each slice from the slice spacings (one per gap), or steps of a pixel."""
+    if len(slice_spacings_m):
+        z = np.concatenate([[0.0], np.cumsum(slice_spacings_m)])
+    else:
+        z = np.arange(shape[2]) * pixel_size_m
     g = location.open_group(path)
     for name, values in (("y", np.arange(shape[0]) * pixel_size_m),
-                         ("x", np.arange(shape[1]) * pixel_size_m),
-                         ("z", np.asarray(z_m, np.float64))):
+                         ("x", np.arange(shape[1]) * pixel_size_m), ("z", z)):
         _put(g, name, np.asarray(values, np.float64), [name])
         g[name].attrs["units"] = "m"
 
@@ -110,6 +117,30 @@ def write_array(path: str, name: str, value: np.ndarray, dims: tuple[str, ...] |
     if np.iscomplexobj(value):
         value, dims = as_real(value), [*dims, "channel"]
     _put(location.open_group(path), name, np.asarray(value), list(dims))
+
+
+def write_parameters(
+    path: str,
+    specs: dict,
+    values: dict[str, np.ndarray],
+    initial: dict[str, np.ndarray],
+    *,
+    refined: set[str],
+    offset_px: np.ndarray,
+) -> None:
+    """Every model parameter under its output name, ``<output>_initial`` beside each refined
+    one, and the probe's mode power fractions ``probe_mode_power (mode,)``. Positions are
+    written in the input file's frame (``offset_px``, the engine's shift, removed)."""
+
+    def file_frame(name: str, value: np.ndarray) -> np.ndarray:
+        return value - offset_px if name == "positions" else value
+
+    for name, spec in specs.items():
+        write_array(path, spec.output, file_frame(name, values[name]), spec.dims)
+        if name in refined:
+            write_array(path, f"{spec.output}_initial", file_frame(name, initial[name]), spec.dims)
+    if "probe" in values:
+        write_array(path, "probe_mode_power", mode_power_fractions(values["probe"]), ["mode"])
 
 
 def write_loss(path: str, loss: list[float]) -> None:
@@ -130,3 +161,33 @@ def finalize(path: str) -> None:
         # ... and that the checkpoint file beside the arrays is not a zarr node.
         warnings.filterwarnings("ignore", message="Object at .* is not recognized", category=UserWarning)
         zarr.consolidate_metadata(location.zarr_store(path))
+
+
+@dataclass
+class RunResult:
+    """Where a run wrote its result, and its small outputs."""
+
+    output: Path | str
+    loss: list[float]
+    params: dict[str, np.ndarray]
+    position_offset_px: np.ndarray = field(default_factory=lambda: np.zeros(2))
+
+    @property
+    def probe(self) -> np.ndarray:
+        """The probe ``[M, py, px]`` complex (models that have one)."""
+        return self.params["probe"]
+
+    @property
+    def positions_px(self) -> np.ndarray:
+        """Positions ``[n_angles, n_tiles, 2]`` in the input file's frame."""
+        return self.params["positions"] - self.position_offset_px
+
+    def open(self):
+        """The run store as an ``xarray.Dataset``."""
+        import xarray as xr
+
+        return xr.open_zarr(location.zarr_store(str(self.output)))
+
+    def object(self) -> np.ndarray:
+        """The object ``[n_y, n_x, n_z, 2]`` (loads it whole)."""
+        return np.asarray(location.open_array(str(self.output), OBJECT, mode="r")[...])
