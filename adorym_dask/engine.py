@@ -34,7 +34,12 @@ from tqdm.auto import tqdm
 
 from adorym_dask.cluster import dask_client
 from adorym_dask.config import ConfigError, RunConfig, config_from_dict
-from adorym_dask.graphs.minibatch import build_minibatch, epoch_minibatches, plan_tile_groups
+from adorym_dask.graphs.minibatch import (
+    build_minibatch,
+    build_position_search,
+    epoch_minibatches,
+    plan_tile_groups,
+)
 from adorym_dask.graphs.tasks import TileGroup, box_holds, group_box, grow_box
 from adorym_dask.layout import (
     load_measurements,
@@ -46,10 +51,13 @@ from adorym_dask.layout import (
 from adorym_dask.refinement import (
     PositionBounds,
     apply_gradients,
+    apply_search,
     group_rows,
     plan_refinements,
+    search_offsets,
     shared_values,
     start_states,
+    tiles_to_search,
 )
 from adorym_dask.registry import model_builder
 from adorym_dask.storage import location, results
@@ -174,6 +182,7 @@ class Reconstruction:
         self.loss: list[float] = []
         self.epoch_loss = (0.0, 0)
         self.block_steps = np.zeros(self.store.geometry.n_blocks, np.int64)
+        self.tile_loss = np.full(self.initial["positions"].shape[:2], np.nan)
         self._write_metadata()
 
     def _make_store(self, *, create: bool) -> ObjectStore:
@@ -222,6 +231,7 @@ class Reconstruction:
                 ps = ps.reset(r.optimizer)
             self.params[name] = ps
         self.block_steps = np.array(ck.block_steps)
+        self.tile_loss = np.array(ck.tile_loss)
         if ck.boxes is not None and len(ck.boxes) == len(self.groups):
             # the plan's boxes as committed (a box regrown for a tile that moved stays grown)
             self.groups = [TileGroup(g.index, g.angle, g.tiles, tuple(int(v) for v in box))
@@ -286,7 +296,7 @@ class Reconstruction:
             config=self.cfg.model_dump(mode="json"), epoch=self.epoch, batch=self.batch,
             step=self.step, loss=self.loss, epoch_loss=self.epoch_loss, params=self.params,
             initial=self.initial, slots=self._slots() if slots is None else slots,
-            block_steps=self.block_steps, start_loss=self.start_loss,
+            block_steps=self.block_steps, start_loss=self.start_loss, tile_loss=self.tile_loss,
             boxes=np.asarray([g.box for g in self.groups], np.int64),
         ))
 
@@ -350,6 +360,41 @@ class Reconstruction:
             out.append(g)
         return out
 
+    def _search_due(self, epoch: int) -> bool:
+        """Whether epoch ``epoch`` starts with a position search (every ``search_every_epochs``
+        epochs of position refinement, after the first)."""
+        r = self.refinements.get("positions")
+        if r is None or not r.active(epoch) or r.options.get("search_px", 0) < 1:
+            return False
+        every = int(r.options.get("search_every_epochs", 0))
+        since = epoch - r.start_epoch
+        return every > 0 and since > 0 and since % every == 0
+
+    def _search_positions(self, epoch: int, scheduler) -> None:
+        """Look for a better place for the tiles whose loss stands out (see
+        :func:`~adorym_dask.graphs.tasks.position_search`), and move those that find one."""
+        opts = self.refinements["positions"].options
+        flagged = tiles_to_search(self.tile_loss, ratio=opts["search_loss_ratio"])
+        if not flagged.any():
+            return
+        tag = f"{self.token}-e{epoch}-r{self.recoveries}"
+        groups = self._fit_boxes([g for g in self.groups if flagged[g.angle, g.tiles].any()])
+        tasks = build_position_search(
+            groups, flagged, obj=self.store, sources=self.sources, source=self.meas.source,
+            shared=delayed(shared_values(self.params, self.specs), name=f"sshared-{tag}",
+                           traverse=False),
+            own={g.index: group_rows(self.params, self.specs, g) for g in groups},
+            model=self._model_delayed, offsets=search_offsets(opts["search_px"]),
+            start=self.initial["positions"], max_shift_px=self.max_shift,
+            tile_rows=frozenset(n for n, s in self.specs.items() if s.scope == "tile"), tag=tag,
+        )
+        found = dask.compute(*tasks, scheduler=scheduler)
+        angles = [g.angle for g in groups]
+        self.params["positions"], moved = apply_search(
+            self.params["positions"], list(found), angles, bounds=self.bounds
+        )
+        log.info("epoch %d: position search on %d tiles moved %d", epoch, int(flagged.sum()), moved)
+
     def active_refinements(self, epoch: int) -> dict[str, str]:
         """Parameters updated in ``epoch``, with their scopes."""
         return {n: r.spec.scope for n, r in self.refinements.items() if r.active(epoch)}
@@ -389,6 +434,8 @@ class Reconstruction:
             if not np.all(np.isfinite(ps.value)):
                 self._check_finite(float("nan"), epoch, b, what=f"parameter {name}")
         self.params = params
+        for angle, tiles, losses in sums.tile_losses:
+            self.tile_loss[angle, tiles] = losses
         self.sources = {**self.sources, **new}
         for block in new:
             self.block_steps[block] += 1
@@ -493,6 +540,8 @@ class Reconstruction:
         )
         rng = np.random.default_rng([self.cfg.seed, epoch])
         batches = epoch_minibatches(self.groups, self.cfg.minibatch_size, rng)
+        if self.batch == 0 and self._search_due(epoch):
+            self._search_positions(epoch, scheduler)
         for b in range(self.batch, len(batches)):
             self.run_minibatch(batches[b], epoch, b, scheduler)
         return self._end_epoch(scheduler)

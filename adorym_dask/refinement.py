@@ -14,7 +14,10 @@ parameter's constraints:
   run can drift that way; on the Siemens star from its recorded positions, 1.53 px RMS in 15
   epochs without and 1.15 px with it). It is off by default: it also keeps the affine part of
   random errors (about ``sigma sqrt(6 / n_tiles)``) from being corrected. Corrections are
-  clipped to ``max_shift_px`` per axis, and tiles are kept inside the object;
+  clipped to ``max_shift_px`` per axis, and tiles are kept inside the object. Every
+  ``search_every_epochs`` epochs, the tiles whose loss stands out are searched on a grid
+  (:func:`tiles_to_search`, :func:`apply_search`): a tile that started about a scan step off
+  sits in a local minimum that no gradient step leaves;
 - ``probe``: the modes are orthogonalised and ordered by power; the optimizer's moments are
   transformed with them (the first moment, a linear function of the gradients, by the same
   unitary mixing; Adam's second moment by its squared magnitudes, exact when the modes'
@@ -228,3 +231,51 @@ def _step_rows(ps: ParameterState, r: Refinement, rows: list) -> ParameterState:
     angles = np.asarray(sorted(by_angle))
     grad = np.stack([by_angle[a] for a in angles])
     return parameter_step(ps, grad, r.optimizer, (angles,))
+
+
+# A searched tile moves only if the best candidate's loss is below this fraction of its current
+# loss: a clear improvement, not noise.
+SEARCH_GAIN = 0.9
+
+
+def tiles_to_search(tile_loss: np.ndarray, *, ratio: float, most: float = 0.1) -> np.ndarray:
+    """``[n_angles, n_tiles]`` bool: tiles whose last loss exceeds ``ratio`` times their
+    angle's median (at most the worst ``most`` fraction of each angle's tiles, which bounds the
+    search's cost: with the default grid, 48 forward passes per tile searched)."""
+    flagged = np.zeros(tile_loss.shape, bool)
+    for a, losses in enumerate(tile_loss):
+        ok = np.isfinite(losses)
+        if not ok.any():
+            continue
+        high = ok & (losses > ratio * np.median(losses[ok]))
+        cap = max(1, int(most * len(losses)))
+        order = np.argsort(np.where(high, -losses, np.inf))[:cap]
+        flagged[a, order[high[order]]] = True
+    return flagged
+
+
+def search_offsets(radius_px: float, step_px: float = 2.0) -> np.ndarray:
+    """``[K, 2]`` the grid of offsets ``step_px`` apart within ``radius_px`` per axis, without
+    (0, 0). A 2 px grid lands within a pixel of any place, inside the basin from which the
+    gradient steps that follow finish the job."""
+    axis = np.arange(-np.floor(radius_px / step_px), np.floor(radius_px / step_px) + 1) * step_px
+    grid = np.stack(np.meshgrid(axis, axis, indexing="ij"), -1).reshape(-1, 2)
+    return grid[np.any(grid != 0, axis=1)].astype(np.float64)
+
+
+def apply_search(
+    ps: ParameterState, found: list, angle_of: dict, *, bounds: PositionBounds
+) -> tuple[ParameterState, int]:
+    """Move each searched tile to its best candidate when that clearly lowers its loss; returns
+    the new state (constraints applied) and how many tiles moved. ``found`` is the tasks'
+    results in plan order, ``angle_of`` their groups' angles."""
+    value = ps.value.copy()
+    moved = 0
+    for (tiles, current, best, where), angle in zip(found, angle_of):
+        for t, c, b, w in zip(tiles, current, best, where):
+            if b < SEARCH_GAIN * c:
+                value[angle, t] = w
+                moved += 1
+    if moved:
+        value = constrain_positions(value, bounds)
+    return ParameterState(value, ps.state, ps.step), moved

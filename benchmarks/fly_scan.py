@@ -17,7 +17,7 @@ runs a small version.
 
 Run::
 
-    python benchmarks/fly_scan.py [--object 192] [--epochs 40] [--folder /tmp/fly]
+    python benchmarks/fly_scan.py [--object 192] [--epochs 60] [--folder /tmp/fly]
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--object", type=int, default=192, help="object side in pixels")
     parser.add_argument("--detector", type=int, default=64)
-    parser.add_argument("--epochs", type=int, default=40)
+    parser.add_argument("--epochs", type=int, default=60)
     parser.add_argument("--seed", type=int, default=3)
     parser.add_argument("--folder", default=None)
     args = parser.parse_args()

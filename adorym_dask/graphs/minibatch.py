@@ -20,7 +20,13 @@ import numpy as np
 from dask.delayed import Delayed, delayed
 
 from adorym_dask.graphs.reduction import block_partials, small_sum_tree
-from adorym_dask.graphs.tasks import TileGroup, group_box, grow_box, tile_group_gradient
+from adorym_dask.graphs.tasks import (
+    TileGroup,
+    group_box,
+    grow_box,
+    position_search,
+    tile_group_gradient,
+)
 from adorym_dask.graphs.update import block_borders, neighbours, update_block
 from adorym_dask.models.regularizers import ObjectRules
 from adorym_dask.optimizers import OptimizerSpec
@@ -200,3 +206,36 @@ def build_minibatch(
         )
     sums = small_sum_tree(pieces, scopes=scopes, fan_in=FAN_IN, name=f"sums-{tag}")
     return MinibatchGraph(sums=sums, updates=updates)
+
+
+def build_position_search(
+    groups: Sequence[TileGroup],
+    flagged: np.ndarray,
+    *,
+    obj: ObjectStore,
+    sources: dict,
+    source,
+    shared,
+    own: dict[int, dict],
+    model: Delayed,
+    offsets: np.ndarray,
+    start: np.ndarray,
+    max_shift_px: float,
+    tile_rows: frozenset[str],
+    tag: str,
+) -> list[Delayed]:
+    """One :func:`~adorym_dask.graphs.tasks.position_search` task per group holding a tile
+    flagged in ``flagged [n_angles, n_tiles]`` (``start`` the positions' start values)."""
+    tasks = []
+    for g in groups:
+        which = flagged[g.angle, g.tiles]
+        if not which.any():
+            continue
+        blocks = obj.blocks_overlapping(g.box)
+        tasks.append(delayed(position_search, pure=True)(
+            g, obj, {b: sources[b] for b in blocks}, source, shared, own[g.index], model,
+            which=which, offsets=offsets, start=start[g.angle, g.tiles],
+            max_shift_px=max_shift_px, tile_rows=tile_rows,
+            dask_key_name=f"search-{tag}-{g.index}",
+        ))
+    return tasks

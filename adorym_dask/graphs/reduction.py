@@ -93,11 +93,14 @@ class SmallSums:
     rows : dict
         Per-tile and per-angle parameters: ``[(angle, tiles or None, grad, curvature or None),
         ...]`` in plan order, each tile once; the driver scatters them by index.
+    tile_losses : list
+        ``[(angle, tiles, losses), ...]``: each tile's own (unscaled) loss.
     """
 
     loss: float
     grads: dict[str, np.ndarray] = field(default_factory=dict)
     rows: dict[str, list] = field(default_factory=dict)
+    tile_losses: list = field(default_factory=list)
 
 
 def small_sums(scopes: dict[str, str], *items: GroupGradient | SmallSums) -> SmallSums:
@@ -106,7 +109,8 @@ def small_sums(scopes: dict[str, str], *items: GroupGradient | SmallSums) -> Sma
     ``scopes`` maps every refined parameter to its scope (``global``, ``tile``, ``angle``).
     """
     parts = [_as_sums(i, scopes) for i in items]
-    out = SmallSums(loss=add_in_order(*(p.loss for p in parts)))
+    out = SmallSums(loss=add_in_order(*(p.loss for p in parts)),
+                    tile_losses=[row for p in parts for row in p.tile_losses])
     for name, scope in scopes.items():
         if scope == "global":
             out.grads[name] = add_in_order(*(p.grads.get(name) for p in parts))
@@ -119,6 +123,8 @@ def _as_sums(item: GroupGradient | SmallSums, scopes: dict[str, str]) -> SmallSu
     if isinstance(item, SmallSums):
         return item
     sums = SmallSums(loss=item.loss)
+    if item.tile_loss is not None:
+        sums.tile_losses = [(item.angle, item.tiles, item.tile_loss)]
     for name, scope in scopes.items():
         g = item.grads[name]
         if scope == "global":

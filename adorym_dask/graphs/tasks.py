@@ -81,6 +81,8 @@ class GroupGradient:
     curvatures : dict of ndarray
         For refined parameters whose curvature the model estimates (``model.curvature``), that
         estimate in the gradient's shape and scale (positions: ``[G, 2]``).
+    tile_loss : ndarray
+        ``[G]`` each tile's own loss (unscaled).
     """
 
     index: int
@@ -91,6 +93,7 @@ class GroupGradient:
     object_grad: np.ndarray
     grads: dict[str, np.ndarray]
     curvatures: dict[str, np.ndarray] = field(default_factory=dict)
+    tile_loss: np.ndarray | None = None
 
 
 def _leaf(value: np.ndarray, grad: bool) -> torch.Tensor:
@@ -139,7 +142,8 @@ def tile_group_gradient(
     params = {name: _leaf(v, name in refine) for name, v in {**shared, **own}.items()}
     batch = Batch(origin=group.box[:2], angle=group.angle, tiles=group.tiles)
     pred = model.predict(box, params, batch)
-    loss = model.loss(pred, meas).sum() * scale
+    per_tile = model.loss(pred, meas)
+    loss = per_tile.sum() * scale
     loss.backward()
     grads = {}
     for name in refine:
@@ -159,4 +163,69 @@ def tile_group_gradient(
         object_grad=box.grad.numpy(),
         grads=grads,
         curvatures=curvatures,
+        tile_loss=per_tile.detach().numpy().astype(np.float64),
     )
+
+
+def position_search(
+    group: TileGroup,
+    obj: ObjectStore,
+    blocks: dict,
+    source: TileSource,
+    shared: dict[str, np.ndarray],
+    own: dict[str, np.ndarray],
+    model: ForwardModel,
+    *,
+    which: np.ndarray,
+    offsets: np.ndarray,
+    start: np.ndarray,
+    max_shift_px: float,
+    tile_rows: frozenset[str] = frozenset({"positions"}),
+    chunk: int = 64,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Task: for the tiles ``which`` of a group, the loss on a grid of positions around each.
+
+    Gradient steps cannot bring back a tile that started about a scan step off: it settles in
+    a neighbour's place (a local minimum). The driver asks this task, every few epochs, about
+    the tiles whose loss stands out; it evaluates the forward model (no gradient) at the
+    current position plus each of ``offsets [K, 2]``, keeping candidates whose correction from
+    ``start [G, 2]`` stays within ``max_shift_px`` per axis and whose tile stays in the box.
+    ``tile_rows`` names the entries of ``own`` that are per-tile rows (others go as they are).
+
+    Returns ``(tiles, current_loss, best_loss, best_position)`` for the tiles asked about.
+    """
+    meas = read_tiles(source, group.angle, group.tiles)
+    box = torch.from_numpy(obj.read_box(group.box, blocks))
+    det = np.asarray(meas.shape[-2:])
+    lo = np.asarray(group.box[:2], np.float64)
+    hi = lo + np.asarray(group.box[2:]) - det
+    fixed = {**shared, **{n: v for n, v in own.items() if n not in tile_rows}}
+    params = {name: torch.from_numpy(np.ascontiguousarray(v)) for name, v in fixed.items()}
+    rows = {name: v for name, v in own.items() if name in tile_rows and name != "positions"}
+    found = []
+    for i in np.flatnonzero(which):
+        here = own["positions"][i]
+        cands = here + offsets
+        keep = (np.all(np.abs(cands - start[i]) <= max_shift_px, axis=1)
+                & np.all(cands >= lo, axis=1) & np.all(cands <= hi, axis=1))
+        cands = np.concatenate([here[None], cands[keep]])
+        losses = []
+        with torch.no_grad():
+            for c0 in range(0, len(cands), chunk):
+                part = cands[c0 : c0 + chunk]
+                k = len(part)
+                batch = Batch(origin=group.box[:2], angle=group.angle,
+                              tiles=np.full(k, group.tiles[i]))
+                extra = {n: torch.from_numpy(np.repeat(v[i : i + 1], k, axis=0))
+                         for n, v in rows.items()}
+                pred = model.predict(box, {**params, **extra, "positions": torch.from_numpy(part)},
+                                     batch)
+                target = torch.from_numpy(np.repeat(meas[i : i + 1], k, axis=0))
+                losses.append(model.loss(pred, target).numpy())
+        losses = np.concatenate(losses)
+        best = int(np.argmin(losses))
+        found.append((group.tiles[i], losses[0], losses[best], cands[best]))
+    if not found:
+        return np.zeros(0, np.int64), np.zeros(0), np.zeros(0), np.zeros((0, 2))
+    tiles, current, best, where = zip(*found)
+    return np.asarray(tiles), np.asarray(current), np.asarray(best), np.asarray(where)

@@ -120,7 +120,8 @@ class FarFieldPtychography:
             "positions": ParameterSpec(
                 "positions", "positions_px", ("angle", "tile", "yx"), "tile", "float64",
                 unit="px", default_step=1.0, default_optimizer="gd", default_start_epoch=2,
-                options={"max_shift_px": 10.0, "hold_affine": False},
+                options={"max_shift_px": 10.0, "hold_affine": False, "search_px": 6.0,
+                         "search_every_epochs": 5.0, "search_loss_ratio": 1.5},
             ),
         }
         if self.n_slices > 1:

@@ -56,6 +56,9 @@ class Checkpoint:
         ``[n_by, n_bx]`` int8: the slot holding each block's committed state.
     block_steps : ndarray
         ``[n_by, n_bx]`` int64: optimizer steps each block has taken.
+    tile_loss : ndarray or None
+        ``[n_angles, n_tiles]`` each tile's latest loss (NaN before its first), which chooses
+        the tiles a position search looks at.
     start_loss : float or None
         Loss of the run's first minibatch, before any update (the divergence check's scale).
     boxes : ndarray or None
@@ -75,6 +78,7 @@ class Checkpoint:
     block_steps: np.ndarray
     boxes: np.ndarray | None = None
     start_loss: float | None = None
+    tile_loss: np.ndarray | None = None
 
 
 def checkpoint_path(run: str | Path) -> Path:
@@ -91,6 +95,8 @@ def _arrays(ck: Checkpoint) -> tuple[dict, dict[str, np.ndarray]]:
     arrays = {"slots": ck.slots, "block_steps": ck.block_steps}
     if ck.boxes is not None:
         arrays["boxes"] = ck.boxes
+    if ck.tile_loss is not None:
+        arrays["tile_loss"] = ck.tile_loss
     for name, ps in ck.params.items():
         arrays[f"param.{name}.value"] = ps.value
         arrays[f"param.{name}.step"] = ps.step
@@ -159,6 +165,7 @@ def load_checkpoint(run: str | Path) -> Checkpoint:
                 slots=z["slots"], block_steps=z["block_steps"],
                 boxes=z["boxes"] if "boxes" in z else None,
                 start_loss=meta.get("start_loss"),
+                tile_loss=z["tile_loss"] if "tile_loss" in z else None,
             )
     except (OSError, ValueError, KeyError, zipfile.BadZipFile, json.JSONDecodeError) as err:
         if isinstance(err, CheckpointError):
