@@ -395,6 +395,11 @@ class Reconstruction:
         )
         log.info("epoch %d: position search on %d tiles moved %d", epoch, int(flagged.sum()), moved)
 
+    def _footprints(self, groups: list[TileGroup]) -> dict[int, tuple[int, int, int, int]]:
+        """The box each group's tiles cover now (inside its halo-widened box)."""
+        pos = self.params["positions"].value
+        return {g.index: group_box(pos[g.angle, g.tiles], self.meas.det_shape) for g in groups}
+
     def active_refinements(self, epoch: int) -> dict[str, str]:
         """Parameters updated in ``epoch``, with their scopes."""
         return {n: r.spec.scope for n, r in self.refinements.items() if r.active(epoch)}
@@ -418,6 +423,7 @@ class Reconstruction:
             scopes=self.active_refinements(epoch),
             rules=self.rules,
             tag=tag,
+            footprints=self._footprints(groups),
         )
         if self.store.on_disk:  # every output is small: one round trip
             sums, *updates = dask.compute(graph.sums, *graph.updates.values(), scheduler=scheduler)

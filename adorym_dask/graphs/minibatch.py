@@ -159,6 +159,7 @@ def build_minibatch(
     scopes: dict[str, str],
     rules: ObjectRules | None,
     tag: str,
+    footprints: dict[int, tuple[int, int, int, int]] | None = None,
 ) -> MinibatchGraph:
     """Build the graph of one optimizer step (see module docstring).
 
@@ -166,7 +167,9 @@ def build_minibatch(
     for the memory store); each task gets the sources of the blocks it reads or updates.
     ``shared`` is the (delayed) dict of global parameter values, ``own`` each group's rows of
     the per-tile parameters by group index, ``block_steps`` the steps each block has taken, and
-    ``scopes`` the scope of every parameter to differentiate.
+    ``scopes`` the scope of every parameter to differentiate. ``footprints`` (by group index)
+    are the boxes the tiles actually cover now, inside their groups' (halo-widened) boxes: the
+    gradient is zero elsewhere, so only the blocks a footprint overlaps are updated.
     """
     n_tiles = sum(len(g.tiles) for g in groups)
     refine = frozenset(scopes)
@@ -174,7 +177,8 @@ def build_minibatch(
     touching: dict[tuple[int, int], list[int]] = {}
     for i, g in enumerate(groups):
         blocks = obj.blocks_overlapping(g.box)
-        for block in blocks:
+        seen = footprints[g.index] if footprints is not None else g.box
+        for block in obj.blocks_overlapping(seen):
             touching.setdefault(block, []).append(i)
         pieces.append(
             delayed(tile_group_gradient, pure=True)(
