@@ -97,7 +97,7 @@ class GroupGradient:
 
 
 def _leaf(value: np.ndarray, grad: bool) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(value)).requires_grad_(grad)
+    return torch.from_numpy(np.asarray(value, order="C")).requires_grad_(grad)  # 0-d stays 0-d
 
 
 def tile_group_gradient(
@@ -200,7 +200,7 @@ def position_search(
     lo = np.asarray(group.box[:2], np.float64)
     hi = lo + np.asarray(group.box[2:]) - det
     fixed = {**shared, **{n: v for n, v in own.items() if n not in tile_rows}}
-    params = {name: torch.from_numpy(np.ascontiguousarray(v)) for name, v in fixed.items()}
+    params = {name: torch.from_numpy(np.asarray(v, order="C")) for name, v in fixed.items()}
     rows = {name: v for name, v in own.items() if name in tile_rows and name != "positions"}
     found = []
     for i in np.flatnonzero(which):
