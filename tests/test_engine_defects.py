@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from pathlib import Path
@@ -276,3 +277,39 @@ def test_results_layout_of_refined_parameters(sim, tmp_path):
     power = ds["probe_mode_power"].values
     assert power.shape == (2,) and power.sum() == pytest.approx(1.0) and power[0] > power[1]
     np.testing.assert_allclose(result.positions_px, ds["positions_px"].values)
+
+
+def test_resume_with_refined_positions_and_search_is_exact(tmp_path, monkeypatch, caplog):
+    """Positions refined from epoch 0 with a position search every epoch; a run killed in the
+    middle of epoch 2 and resumed ends where an uninterrupted one does (positions, object,
+    probe, loss)."""
+    sim = simulate_ptychography(tmp_path / "s.h5", object_shape=(80, 80), probe_shape=(32, 32),
+                                n_positions=30, position_error_px=1.5, seed=2)
+    tree = _tree(sim, tmp_path / "full.zarr", epochs=4, object={"shape_px": None},
+                 refine={"positions": {"start_epoch": 0, "search_every_epochs": 1,
+                                       "search_loss_ratio": 1.0}})
+    caplog.set_level(logging.INFO, logger="adorym_dask.engine")
+    full = run(config_from_dict(tree))
+    assert "position search on 3 tiles" in caplog.text
+    calls = {"n": 0}
+    real = Reconstruction.run_minibatch
+
+    def dying(self, *args, **kwargs):
+        if calls["n"] == 9:  # 4 minibatches per epoch: dies after epoch 2, minibatch 0
+            raise KeyboardInterrupt
+        calls["n"] += 1
+        return real(self, *args, **kwargs)
+
+    cut = {**tree, "output": str(tmp_path / "cut.zarr")}
+    with monkeypatch.context() as m:
+        m.setattr(Reconstruction, "run_minibatch", dying)
+        with pytest.raises(KeyboardInterrupt):
+            run(config_from_dict(cut))
+    ck = load_checkpoint(tmp_path / "cut.zarr")
+    assert (ck.epoch, ck.batch) == (2, 1) and np.isfinite(ck.tile_loss).all()
+    resumed = run(config_from_dict(cut), resume=True)
+    np.testing.assert_allclose(resumed.positions_px, full.positions_px, rtol=0, atol=1e-9)
+    a, b = full.object(), resumed.object()
+    assert np.abs(a - b).max() <= 1e-6 * np.abs(a).max()
+    np.testing.assert_allclose(resumed.loss, full.loss, rtol=1e-6)
+    assert np.abs(full.positions_px - full.open()["positions_px_initial"].values).max() > 0.1
