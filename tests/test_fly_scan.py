@@ -9,9 +9,9 @@ seeded from it with noise, then orthogonalised) and refines the probe from epoch
 positions from epoch 2 (their defaults), 30 epochs.
 
 Measured on 2 cores (128 x 128 object, 64 x 64 detector, 272 positions, Poisson noise at 1e6
-photons per pattern, object Adam step 0.01): positions 2.99 -> 0.32 px RMS (common shift
+photons per pattern, object Adam step 0.01): positions 2.99 -> 0.30 px RMS (common shift
 removed), phase SSIM 0.525 with 5 modes and position refinement, 0.320 with 5 modes and the
-recorded positions, 0.509 with 1 mode and position refinement. The CI test runs the first case
+recorded positions, 0.514 with 1 mode and position refinement (its positions 0.26 px RMS). The CI test runs the first case
 (34 s); the comparison of all three is ``-m slow`` (about 90 s); the full-size version is
 ``benchmarks/fly_scan.py``.
 """
