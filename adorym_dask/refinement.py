@@ -64,7 +64,8 @@ def plan_refinements(
     cfg: RunConfig, specs: dict[str, ParameterSpec], initial: dict[str, np.ndarray]
 ) -> dict[str, Refinement]:
     """The refinements ``cfg.refine`` asks for, checked against the model's declarations."""
-    unknown = sorted(set(cfg.refine) - set(specs))
+    # "refine: {probe: null}" for a model without a probe asks for nothing: not an error
+    unknown = sorted(n for n, entry in cfg.refine.items() if n not in specs and entry is not None)
     if unknown:
         raise ConfigError(
             f"refine.{unknown[0]}: model {cfg.model.kind!r} has no refinable parameter "
