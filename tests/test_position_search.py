@@ -43,9 +43,8 @@ def test_search_offsets_grid():
     assert search_offsets(2.0, 1.0).shape == (24, 2)
 
 
-def test_search_finds_a_tile_one_step_off(tmp_path):
-    """A tile recorded 4 px from where it was measured, over the true object: the best
-    candidate is its true position, and the driver moves it there."""
+def _true_object_store(tmp_path):
+    """A small simulation, its model, and a memory store holding its true object."""
     sim = simulate_ptychography(tmp_path / "s.h5", object_shape=(96, 96), probe_shape=(32, 32),
                                 n_positions=20, seed=4)
     meas = open_measurements(sim.path)
@@ -57,6 +56,13 @@ def test_search_finds_a_tile_one_step_off(tmp_path):
     truth = sim.object[..., 0]
     state = np.stack([truth.real, truth.imag], -1)[:, :, None, :, None].astype(np.float32)
     source = store.save((0, 0), init_block(store, (0, 0)), state)
+    return sim, meas, model, store, source
+
+
+def test_search_finds_a_tile_one_step_off(tmp_path):
+    """A tile recorded 4 px from where it was measured, over the true object: the best
+    candidate is its true position, and the driver moves it there."""
+    sim, meas, model, store, source = _true_object_store(tmp_path)
     tiles = np.array([2, 5, 9])
     true = sim.positions_px[tiles]
     wrong = true + np.array([[0.0, 0.0], [3.6, -1.2], [0.0, 0.0]])
@@ -83,17 +89,7 @@ def test_search_finds_a_tile_one_step_off(tmp_path):
 
 def test_search_stays_within_max_shift(tmp_path):
     """Candidates whose correction from the start would exceed max_shift_px are not tried."""
-    sim = simulate_ptychography(tmp_path / "s.h5", object_shape=(96, 96), probe_shape=(32, 32),
-                                n_positions=20, seed=4)
-    meas = open_measurements(sim.path)
-    model = FarFieldPtychography(det_shape=(32, 32), representation="real_imag",
-                                 wavelength_m=meas.wavelength_m, pixel_size_m=meas.pixel_size_m)
-    zarr.open_group(store=str(tmp_path / "r.zarr"), mode="w-")
-    store = create_store("memory", tmp_path / "r.zarr", shape=(96, 96, 1), chunks=(96, 96),
-                         representation="real_imag", n_state=0)
-    truth = sim.object[..., 0]
-    state = np.stack([truth.real, truth.imag], -1)[:, :, None, :, None].astype(np.float32)
-    source = store.save((0, 0), init_block(store, (0, 0)), state)
+    sim, meas, model, store, source = _true_object_store(tmp_path)
     tiles = np.array([5])
     true = sim.positions_px[tiles]
     here = true + np.array([[4.0, 0.0]])
