@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -81,6 +82,7 @@ from adorym_dask.storage.object_store import (
 )
 from adorym_dask.storage.support import create_support, init_support_block, load_support_file
 from adorym_dask.shrinkwrap import shrinkwrap
+from adorym_dask.timing import RunClock
 
 log = logging.getLogger(__name__)
 MAX_RECOVERIES = 3
@@ -124,6 +126,7 @@ class Reconstruction:
     def __init__(
         self, cfg: RunConfig, *, resume: bool = False, allow_config_change: bool = False
     ) -> None:
+        self.clock = RunClock()  # reading the data and the start values count as setup
         self.cfg = cfg
         self.meas = load_measurements(cfg)
         self.model = model_builder(cfg.model.kind)(cfg, self.meas)
@@ -217,6 +220,10 @@ class Reconstruction:
                 f"{self.store.shape}; resume with the config of the original run"
             )
         self._restore(ck)
+        # earlier epochs without a time (a checkpoint from before times were kept): NaN
+        known = list(ck.epoch_seconds)[-len(ck.loss):] if ck.loss else []
+        seconds = [float("nan")] * (len(ck.loss) - len(known)) + known
+        self.clock.resume_from(seconds, ck.epoch_elapsed, ck.setup_seconds)
 
     def _restore(self, ck: Checkpoint) -> None:
         self.epoch, self.batch, self.step = ck.epoch, ck.batch, ck.step
@@ -292,12 +299,14 @@ class Reconstruction:
 
     def commit(self, slots: np.ndarray | None = None) -> None:
         """Write the checkpoint naming the current (finished) state of every block."""
+        epoch_seconds, epoch_elapsed, setup_seconds = self.clock.snapshot()
         save_checkpoint(self.path, Checkpoint(
             config=self.cfg.model_dump(mode="json"), epoch=self.epoch, batch=self.batch,
             step=self.step, loss=self.loss, epoch_loss=self.epoch_loss, params=self.params,
             initial=self.initial, slots=self._slots() if slots is None else slots,
             block_steps=self.block_steps, start_loss=self.start_loss, tile_loss=self.tile_loss,
             boxes=np.asarray([g.box for g in self.groups], np.int64),
+            epoch_seconds=epoch_seconds, epoch_elapsed=epoch_elapsed, setup_seconds=setup_seconds,
         ))
 
     def _checkpoint_memory_blocks(self, scheduler) -> None:
@@ -483,6 +492,7 @@ class Reconstruction:
         sw = self.cfg.object.shrinkwrap
         if sw is not None and self.epoch > sw.start_epoch and (self.epoch - sw.start_epoch) % sw.every_epochs == 0:
             shrinkwrap(self.store, self.sources, self.cfg, scheduler, tag=f"{self.token}-e{self.epoch}")
+        self.clock.end_epoch()  # its publish and commit are added to it below
         every = self.cfg.publish_every_epochs
         if every and self.epoch % every == 0:
             self.publish(scheduler)
@@ -490,6 +500,7 @@ class Reconstruction:
             self.commit()
         else:
             self._checkpoint_memory_blocks(scheduler)
+        self.clock.extend_last()
         return loss
 
     def publish(self, scheduler) -> None:
@@ -498,7 +509,7 @@ class Reconstruction:
         tasks = [delayed(self.store.publish, pure=False)(b, src) for b, src in self.sources.items()]
         dask.compute(*tasks, scheduler=scheduler)
         self._write_parameters()
-        results.write_loss(self.path, self.loss)
+        results.write_history(self.path, self.loss, self.clock.epoch_seconds)
 
     def _recover(self, err: BaseException, attempt: int) -> None:
         if attempt > MAX_RECOVERIES:
@@ -509,7 +520,9 @@ class Reconstruction:
 
     def run(self, client: Client | None = None, *, callback: Callable | None = None) -> RunResult:
         """Run (or continue) every epoch; ``callback(epoch, loss, reconstruction)`` after each."""
+        starting = time.perf_counter()
         with dask_client(self.cfg.cluster, client) as c:
+            self.clock.cluster_started(time.perf_counter() - starting)
             scheduler = c if c is not None else "sync"
             bar = tqdm(total=self.cfg.epochs, initial=self.epoch, desc="epochs",
                        disable=not self.cfg.progress)
@@ -524,6 +537,7 @@ class Reconstruction:
             if self.sources is None:
                 self._initialize_blocks(scheduler)
             self.publish(scheduler)
+            results.write_setup_seconds(self.path, self.clock.snapshot()[2])
         results.finalize(self.path)
         out = self.path if location.is_url(self.path) else Path(self.path)
         return RunResult(out, self.loss, self.values(), self.offset)
@@ -546,6 +560,7 @@ class Reconstruction:
         )
         rng = np.random.default_rng([self.cfg.seed, epoch])
         batches = epoch_minibatches(self.groups, self.cfg.minibatch_size, rng)
+        self.clock.start_epoch()
         if self.batch == 0 and self._search_due(epoch):
             self._search_positions(epoch, scheduler)
         for b in range(self.batch, len(batches)):

@@ -14,7 +14,7 @@ import io
 import json
 import os
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -61,6 +61,9 @@ class Checkpoint:
         the tiles a position search looks at.
     start_loss : float or None
         Loss of the run's first minibatch, before any update (the divergence check's scale).
+    epoch_seconds, epoch_elapsed, setup_seconds
+        The run's clock (:class:`adorym_dask.timing.RunClock`): seconds of each finished epoch,
+        of the current epoch so far, and of setup.
     boxes : ndarray or None
         ``[n_groups, 4]`` int64 object boxes ``(y0, x0, h, w)`` of the plan's tile groups (the
         groups' members follow from the start positions; a box may have been regrown).
@@ -79,6 +82,9 @@ class Checkpoint:
     boxes: np.ndarray | None = None
     start_loss: float | None = None
     tile_loss: np.ndarray | None = None
+    epoch_seconds: list[float] = field(default_factory=list)
+    epoch_elapsed: float = 0.0
+    setup_seconds: float = 0.0
 
 
 def checkpoint_path(run: str | Path) -> Path:
@@ -90,7 +96,8 @@ def _arrays(ck: Checkpoint) -> tuple[dict, dict[str, np.ndarray]]:
         "format": FORMAT, "config": ck.config, "epoch": ck.epoch, "batch": ck.batch,
         "step": ck.step, "loss": ck.loss, "epoch_loss": list(ck.epoch_loss),
         "params": {n: sorted(ps.state) for n, ps in ck.params.items()},
-        "start_loss": ck.start_loss,
+        "start_loss": ck.start_loss, "epoch_seconds": list(ck.epoch_seconds),
+        "epoch_elapsed": ck.epoch_elapsed, "setup_seconds": ck.setup_seconds,
     }
     arrays = {"slots": ck.slots, "block_steps": ck.block_steps}
     if ck.boxes is not None:
@@ -166,6 +173,9 @@ def load_checkpoint(run: str | Path) -> Checkpoint:
                 boxes=z["boxes"] if "boxes" in z else None,
                 start_loss=meta.get("start_loss"),
                 tile_loss=z["tile_loss"] if "tile_loss" in z else None,
+                epoch_seconds=list(meta.get("epoch_seconds", [])),
+                epoch_elapsed=float(meta.get("epoch_elapsed", 0.0)),
+                setup_seconds=float(meta.get("setup_seconds", 0.0)),
             )
     except (OSError, ValueError, KeyError, zipfile.BadZipFile, json.JSONDecodeError) as err:
         if isinstance(err, CheckpointError):

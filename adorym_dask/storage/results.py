@@ -92,8 +92,13 @@ def versions() -> dict[str, str]:
     return out
 
 
-def _put(group: zarr.Group, name: str, data: np.ndarray, dims: list[str]) -> None:
-    group.create_array(name, data=data, dimension_names=dims, overwrite=True)
+def _put(
+    group: zarr.Group, name: str, data: np.ndarray, dims: list[str], attrs: dict | None = None
+) -> None:
+    # attributes go in with the array: setting them afterwards through a group opened from
+    # consolidated metadata would rewrite the array's metadata with its stale shape
+    group.create_array(name, data=data, dimension_names=dims, overwrite=True,
+                       attributes=attrs or {})
 
 
 def write_coordinates(
@@ -108,15 +113,17 @@ def write_coordinates(
     g = location.open_group(path)
     for name, values in (("y", np.arange(shape[0]) * pixel_size_m),
                          ("x", np.arange(shape[1]) * pixel_size_m), ("z", z)):
-        _put(g, name, np.asarray(values, np.float64), [name])
-        g[name].attrs["units"] = "m"
+        _put(g, name, np.asarray(values, np.float64), [name], {"units": "m"})
 
 
-def write_array(path: str, name: str, value: np.ndarray, dims: tuple[str, ...] | list[str]) -> None:
+def write_array(
+    path: str, name: str, value: np.ndarray, dims: tuple[str, ...] | list[str],
+    attrs: dict | None = None,
+) -> None:
     """Store one variable; a complex value gets a trailing ``channel`` = (real, imag)."""
     if np.iscomplexobj(value):
         value, dims = as_real(value), [*dims, "channel"]
-    _put(location.open_group(path), name, np.asarray(value), list(dims))
+    _put(location.open_group(path), name, np.asarray(value), list(dims), attrs)
 
 
 def write_parameters(
@@ -143,9 +150,16 @@ def write_parameters(
         write_array(path, "probe_mode_power", mode_power_fractions(values["probe"]), ["mode"])
 
 
-def write_loss(path: str, loss: list[float]) -> None:
-    """Store the loss history (one value per finished epoch)."""
+def write_history(path: str, loss: list[float], epoch_seconds: list[float]) -> None:
+    """Store the loss and the wall seconds of every finished epoch, ``(epoch,)`` each."""
     write_array(path, "loss", np.asarray(loss, np.float64), ["epoch"])
+    write_array(path, "epoch_seconds", np.asarray(epoch_seconds, np.float64), ["epoch"],
+                {"units": "s"})
+
+
+def write_setup_seconds(path: str, seconds: float) -> None:
+    """Store the run's seconds outside its epochs and the cluster's start (0-d)."""
+    write_array(path, "setup_seconds", np.asarray(seconds, np.float64), [], {"units": "s"})
 
 
 def write_attrs(path: str, attrs: dict) -> None:
