@@ -430,6 +430,7 @@ class Reconstruction:
             spec=object_learning_rate(self.spec, self.model, shared, n),
             block_steps=self.block_steps,
             scopes=self.active_refinements(epoch),
+            curvature_for=self.curvature_users,
             rules=self.rules,
             tag=tag,
             footprints=self._footprints(groups),
@@ -459,6 +460,11 @@ class Reconstruction:
         self.epoch_loss = (self.epoch_loss[0] + sums.loss * n, self.epoch_loss[1] + n)
         if self.store.on_disk:
             self.commit()
+
+    @property
+    def curvature_users(self) -> frozenset[str]:
+        """Refined parameters whose step uses the model's curvature estimate (not Adam)."""
+        return frozenset(n for n, r in self.refinements.items() if r.optimizer.name != "adam")
 
     def _step_sizes(self) -> str:
         steps = [f"optimizer.step_size (now {self.spec.step_size:.3g})"]

@@ -149,7 +149,7 @@ def loop_epoch(rec, epoch: int) -> float:
             tile_group_gradient(
                 g, st, {b: rec.sources[b] for b in st.blocks_overlapping(g.box)},
                 rec.meas.source, shared, group_rows(rec.params, rec.specs, g), rec.model,
-                scale=1.0 / n, refine=frozenset(scopes),
+                scale=1.0 / n, refine=frozenset(scopes), curvature_for=rec.curvature_users,
             )
             for g in groups
         ]

@@ -313,3 +313,23 @@ def test_resume_with_refined_positions_and_search_is_exact(tmp_path, monkeypatch
     assert np.abs(a - b).max() <= 1e-6 * np.abs(a).max()
     np.testing.assert_allclose(resumed.loss, full.loss, rtol=1e-6)
     assert np.abs(full.positions_px - full.open()["positions_px_initial"].values).max() > 0.1
+
+
+def test_curvature_is_estimated_only_for_the_parameters_that_use_it(sim, tmp_path, monkeypatch):
+    """A default run refines the probe with Adam, which ignores curvature: its tasks must not
+    estimate it (it was 17 % of the in-process loop's time); refined positions (Gauss-Newton
+    steps) need it in every task."""
+    calls = []
+    original = FarFieldPtychography.curvature
+
+    def counting(self, *args, **kwargs):
+        calls.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(FarFieldPtychography, "curvature", counting)
+    run(config_from_dict(_tree(sim, tmp_path / "a.zarr", epochs=3)))
+    assert calls == []
+    run(config_from_dict(_tree(sim, tmp_path / "b.zarr", epochs=3,
+                               refine={"positions": {"start_epoch": 2}})))
+    n_groups = len(Reconstruction(config_from_dict(_tree(sim, tmp_path / "c.zarr"))).groups)
+    assert len(calls) == n_groups  # epoch 2 only, once per group

@@ -160,6 +160,7 @@ def build_minibatch(
     rules: ObjectRules | None,
     tag: str,
     footprints: dict[int, tuple[int, int, int, int]] | None = None,
+    curvature_for: frozenset[str] = frozenset({"positions"}),
 ) -> MinibatchGraph:
     """Build the graph of one optimizer step (see module docstring).
 
@@ -170,6 +171,8 @@ def build_minibatch(
     ``scopes`` the scope of every parameter to differentiate. ``footprints`` (by group index)
     are the boxes the tiles actually cover now, inside their groups' (halo-widened) boxes: the
     gradient is zero elsewhere, so only the blocks a footprint overlaps are updated.
+    ``curvature_for`` names the parameters whose optimizer uses the model's curvature estimate
+    (gd and momentum: a Gauss-Newton step); the tasks estimate it for those only.
     """
     n_tiles = sum(len(g.tiles) for g in groups)
     refine = frozenset(scopes)
@@ -183,7 +186,8 @@ def build_minibatch(
         pieces.append(
             delayed(tile_group_gradient, pure=True)(
                 g, obj, {b: sources[b] for b in blocks}, source, shared, own[g.index], model,
-                scale=1.0 / n_tiles, refine=refine, dask_key_name=f"grad-{tag}-{g.index}",
+                scale=1.0 / n_tiles, refine=refine, curvature_for=refine & curvature_for,
+                dask_key_name=f"grad-{tag}-{g.index}",
             )
         )
     borders = {}
