@@ -67,6 +67,30 @@ def test_cli_contract_output_layout(tmp_path, scan):
     assert (tmp_path / "run.png").stat().st_size > 1000
 
 
+def test_cli_png_includes_the_positions_plot_when_positions_are_refined(tmp_path):
+    """``--png run.png`` with ``refine: {positions: {}}`` writes ``run_positions.png`` too, and
+    the store holds the refined positions in the file's frame beside their start values."""
+    sim = simulate_ptychography(tmp_path / "scan.h5", object_shape=(80, 80), probe_shape=(32, 32),
+                                n_positions=30, position_error_px=1.0, seed=1)
+    cfg = _write_yaml(tmp_path, epochs=4, refine={"positions": {"start_epoch": 1}})
+    rc = main(["reconstruct", str(cfg), "--set", "cluster.scheduler=sync",
+               "--set", "progress=false", "--png", str(tmp_path / "run.png")])
+    assert rc == 0
+    ds = xr.open_zarr(tmp_path / "run.zarr")
+    assert ds["positions_px"].dims == ("angle", "tile", "yx")
+    np.testing.assert_allclose(ds["positions_px_initial"].values[0], sim.recorded_positions_px,
+                               rtol=0, atol=1e-9)  # the file frame: the engine offset removed
+    assert not np.array_equal(ds["positions_px"].values, ds["positions_px_initial"].values)
+    image = plt_imread(tmp_path / "run_positions.png")
+    assert image.ndim == 3 and image.shape[0] > 300 and image.std() > 0
+
+
+def plt_imread(path: Path) -> np.ndarray:
+    import matplotlib.image
+
+    return matplotlib.image.imread(path)
+
+
 def test_cli_subprocess_on_local_cluster(tmp_path, scan):
     """The real console script on its default LocalCluster (2 workers)."""
     cfg = _write_yaml(tmp_path, epochs=1)
