@@ -46,8 +46,8 @@ def fourier_shift(x: Tensor, shift: Tensor) -> Tensor:
     fy = torch.fft.fftfreq(ny, dtype=real_dtype, device=x.device)
     fx = torch.fft.fftfreq(nx, dtype=real_dtype, device=x.device)
     shift = shift.to(dtype=real_dtype, device=x.device)
-    dy = shift[..., 0, None, None]
-    dx = shift[..., 1, None, None]
-    phase = (-2.0 * math.pi) * (fy[:, None] * dy + fx[None, :] * dx)
-    ramp = torch.complex(torch.cos(phase), torch.sin(phase))
+    # the ramp is separable: ny + nx complex exponentials per shift, not ny * nx
+    ry = torch.polar(torch.ones_like(fy), (-2.0 * math.pi) * fy * shift[..., 0, None])
+    rx = torch.polar(torch.ones_like(fx), (-2.0 * math.pi) * fx * shift[..., 1, None])
+    ramp = ry.unsqueeze(-1) * rx.unsqueeze(-2)
     return torch.fft.ifft2(torch.fft.fft2(x) * ramp)
