@@ -75,6 +75,7 @@ from adorym_dask.storage.object_store import (
     OBJECT,
     BlockRef,
     ObjectStore,
+    StoreError,
     checkpoint_block,
     create_store,
     init_block,
@@ -514,8 +515,17 @@ class Reconstruction:
         parameters and loss history beside it."""
         tasks = [delayed(self.store.publish, pure=False)(b, src) for b, src in self.sources.items()]
         dask.compute(*tasks, scheduler=scheduler)
-        self._write_parameters()
-        results.write_history(self.path, self.loss, self.clock.epoch_seconds)
+        try:
+            self._write_parameters()
+            results.write_history(self.path, self.loss, self.clock.epoch_seconds)
+        except StoreError:
+            raise
+        except OSError as err:
+            raise StoreError(
+                f"run store {self.path}: cannot publish the parameters and loss history: "
+                f"{err.strerror or err}. The last commit is intact; fix the cause (e.g. free "
+                "disk space) and continue with --resume"
+            ) from None
 
     def _recover(self, err: BaseException, attempt: int) -> None:
         if attempt > MAX_RECOVERIES:

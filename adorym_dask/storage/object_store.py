@@ -254,9 +254,16 @@ class ObjectStore:
     def publish(self, block: tuple[int, int], source) -> tuple[int, int]:
         """Copy a block's object channels into the run store's ``object`` array."""
         y0, x0, h, w = self.block_box(block)
-        zarr_array(self.path, OBJECT, self.token)[y0 : y0 + h, x0 : x0 + w] = self.load(
-            block, source
-        )[..., 0]
+        data = self.load(block, source)[..., 0]
+        try:
+            zarr_array(self.path, OBJECT, self.token)[y0 : y0 + h, x0 : x0 + w] = data
+        except OSError as err:
+            raise StoreError(
+                f"run store {self.path}: cannot publish block {block} of the object: "
+                f"{err.strerror or err}. The last commit is intact (the published 'object' may "
+                "mix two epochs until it is rewritten); fix the cause (e.g. free disk space) "
+                "and continue with --resume"
+            ) from None
         return block
 
     def read_box(self, box: tuple[int, int, int, int], sources: dict) -> np.ndarray:
