@@ -271,21 +271,33 @@ class RegularizerConfig(_Strict):
         return v
 
 
-class OptimizerName(str, enum.Enum):
+class ParameterOptimizerName(str, enum.Enum):
     adam = "adam"
     gd = "gd"
     momentum = "momentum"  # Nesterov
 
 
+class OptimizerName(str, enum.Enum):
+    adam = "adam"
+    gd = "gd"
+    momentum = "momentum"  # Nesterov
+    pie = "pie"  # gradient step normalised by each pixel's illumination
+
+
 class OptimizerConfig(_Strict):
     """The object's optimizer.
 
+    ``name`` defaults to the model's choice: ``pie`` for ptychography, ``adam`` otherwise.
     ``step_size`` for ``adam`` is the step of each value in the object's unit (transmission, or
     delta/beta); for ``gd`` and ``momentum`` it is a fraction of ``1/L``, the step allowed by
-    the data term's curvature ``L`` under the current probe (ePIE's ``alpha``).
+    the data term's curvature ``L`` under the current probe (ePIE's ``alpha``). ``pie`` divides
+    each pixel's gradient by its own curvature, the minibatch's illumination of that pixel,
+    plus ``illumination_floor`` times the largest one (rPIE's regularisation, LSQ-ML's
+    normalisation), and takes Nesterov steps of ``step_size`` times that Newton step with
+    coefficient ``momentum`` (mPIE's momentum).
     """
 
-    name: OptimizerName = OptimizerName.adam
+    name: OptimizerName | None = None
     step_size: float | None = Field(
         None,
         gt=0,
@@ -295,7 +307,14 @@ class OptimizerConfig(_Strict):
     beta1: float = Field(0.9, ge=0, lt=1)
     beta2: float = Field(0.999, ge=0, lt=1)
     eps: float = Field(1e-8, gt=0)
-    momentum: float = Field(0.9, ge=0, lt=1, description="Nesterov momentum of 'momentum'")
+    momentum: float | None = Field(
+        None, ge=0, lt=1, description="Nesterov coefficient of 'momentum' (default 0.9) and "
+        "'pie' (default 0.5)"
+    )
+    illumination_floor: float = Field(
+        0.1, gt=0, description="pie: fraction of the largest illumination added to every "
+        "pixel's, which bounds the step where the light is weak"
+    )
 
 
 class RefineConfig(_Strict):
@@ -309,11 +328,19 @@ class RefineConfig(_Strict):
 
     model_config = ConfigDict(extra="allow", validate_assignment=True)
 
-    optimizer: OptimizerName | None = None
+    optimizer: ParameterOptimizerName | None = None
     step_size: float | None = Field(None, gt=0)
     start_epoch: int | None = Field(None, ge=0)
     stop_epoch: int | None = Field(None, ge=1)
     every_epochs: int = Field(1, ge=1)
+    momentum: float | None = Field(
+        None, ge=0, lt=1, description="Nesterov coefficient of 'momentum' (default: the "
+        "parameter's own, else optimizer.momentum)"
+    )
+    newton_fraction: float | None = Field(
+        None, gt=0, le=2, description="gd/momentum with the model's curvature estimate: the "
+        "fraction of the damped Gauss-Newton step taken (default: the parameter's own)"
+    )
 
     @model_validator(mode="after")
     def _window(self) -> RefineConfig:
@@ -358,7 +385,7 @@ class RunConfig(_Strict):
     )
     regularizers: list[RegularizerConfig] = Field(default_factory=list)
     epochs: int = Field(20, ge=1)
-    minibatch_size: int = Field(32, ge=1, description="tiles per optimizer step")
+    minibatch_size: int = Field(16, ge=1, description="tiles per optimizer step")
     tile_group_size: int = Field(8, ge=1, description="tiles per gradient task")
     seed: int = 0
     output: Annotated[str, BeforeValidator(str)] = Field(

@@ -4,6 +4,7 @@ object's optimizer, and its regularizers and constraints."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 
@@ -20,7 +21,10 @@ FORMATS = {"auto": None, "native": None, "cxi": "cxi", "adorym": "adorym_h5"}
 DEFAULT_PHASE_STEP_RAD = 0.03  # measured: converges fastest among 0.01/0.03/0.1 on simulations
 # gd and momentum step the object by step_size / L (L the data term's curvature, see
 # FarFieldPtychography.object_curvature); Nesterov momentum 0.9 amplifies steps up to 10x.
-DEFAULT_CURVATURE_STEP = {"gd": 0.5, "momentum": 0.1}
+DEFAULT_CURVATURE_STEP = {"gd": 0.5, "momentum": 0.1, "pie": 1.0}
+# pie: 0.5 measured stable and fastest among 0.5/0.7/0.9 from a wrong-defocus probe (0.7 and
+# 0.9 diverged); momentum keeps PyTorch's customary 0.9 (with its 0.1 step)
+DEFAULT_MOMENTUM = {"pie": 0.5, "momentum": 0.9}
 
 
 def load_measurements(cfg: RunConfig) -> Measurements:
@@ -63,11 +67,16 @@ def object_optimizer(cfg: RunConfig, model) -> OptimizerSpec:
     phase shift over one slice, k delta L, is 0.03 rad. For gd and momentum ``step_size`` is
     a fraction of ``1/L`` (applied per minibatch by :func:`object_learning_rate`)."""
     o = cfg.optimizer
-    name = o.name.value
+    name = o.name.value if o.name is not None else getattr(model, "default_optimizer", "adam")
     if name != "adam" and not hasattr(model, "object_curvature"):
         raise ConfigError(
             f"optimizer.name: {name} scales its step by the model's object_curvature, which "
             f"model {cfg.model.kind!r} does not provide; use optimizer.name: adam"
+        )
+    if name == "pie" and not hasattr(model, "object_curvature_map"):
+        raise ConfigError(
+            f"optimizer.name: pie divides by the model's per-pixel object curvature, which "
+            f"model {cfg.model.kind!r} does not provide; use optimizer.name: gd or adam"
         )
     if o.step_size is not None:
         step = o.step_size
@@ -77,14 +86,21 @@ def object_optimizer(cfg: RunConfig, model) -> OptimizerSpec:
         step = DEFAULT_PHASE_STEP_RAD
     else:
         step = DEFAULT_PHASE_STEP_RAD / (2 * math.pi / model.wavelength_m * model.slice_thickness_m)
-    return OptimizerSpec(name, step, o.beta1, o.beta2, o.eps, o.momentum)
+    momentum = o.momentum if o.momentum is not None else DEFAULT_MOMENTUM.get(name, 0.9)
+    return OptimizerSpec(name, step, o.beta1, o.beta2, o.eps, momentum,
+                         damping=o.illumination_floor if name == "pie" else 0.0)
 
 
 def object_learning_rate(spec: OptimizerSpec, model, params: dict, n_tiles: int) -> OptimizerSpec:
-    """The spec a minibatch of ``n_tiles`` applies: Adam as is, gd/momentum ``step / L``."""
+    """The spec a minibatch of ``n_tiles`` applies: Adam as is, gd/momentum ``step / L``, and
+    for pie the damping ``floor L`` (``L`` the curvature where one tile lights a value with the
+    probe's peak: rPIE's ``alpha max|P|^2``)."""
     if spec.name == "adam":
         return spec
-    return spec.with_step(spec.step_size / model.object_curvature(params, n_tiles))
+    top = model.object_curvature(params, n_tiles)
+    if spec.name == "pie":
+        return replace(spec, damping=spec.damping * top)
+    return spec.with_step(spec.step_size / top)
 
 
 def object_rules(cfg: RunConfig) -> ObjectRules | None:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-STATE_NAMES = {"adam": ("m", "v"), "gd": (), "momentum": ("m",)}
+STATE_NAMES = {"adam": ("m", "v"), "gd": (), "momentum": ("m",), "pie": ("m",)}
 
 
 @dataclass(frozen=True)
@@ -24,7 +24,11 @@ class OptimizerSpec:
     """Hyper-parameters of one optimizer (a small picklable value).
 
     ``step_size`` is the learning rate applied: Adam's step per element, or the factor of the
-    gradient for ``gd`` and ``momentum`` (Nesterov, ``momentum`` its coefficient).
+    gradient for ``gd`` and ``momentum`` (Nesterov, ``momentum`` its coefficient). ``pie`` is
+    ``momentum`` on a gradient already divided by each value's curvature plus ``damping`` (see
+    :func:`precondition`). ``newton_fraction`` is the fraction of a damped Gauss-Newton step
+    that ``gd``/``momentum`` take where a curvature estimate is given
+    (:func:`parameter_step`).
     """
 
     name: str = "adam"
@@ -33,6 +37,8 @@ class OptimizerSpec:
     beta2: float = 0.999
     eps: float = 1e-8
     momentum: float = 0.9
+    damping: float = 0.0
+    newton_fraction: float = 1.0
 
     def __post_init__(self) -> None:
         if self.name not in STATE_NAMES:
@@ -92,10 +98,17 @@ def apply_step(
     if spec.name == "adam":
         x, m, v = adam_step(x, grad, state["m"], state["v"], step, spec)
         return x, {"m": m, "v": v}
-    if spec.name == "momentum":
+    if spec.name in ("momentum", "pie"):
         x, m = nesterov_step(x, grad, state["m"], spec)
         return x, {"m": m}
     return (x - spec.step_size * grad).astype(x.dtype, copy=False), {}
+
+
+def precondition(grad: np.ndarray, curvature: np.ndarray, damping: float) -> np.ndarray:
+    """``grad / (curvature + damping)``: a diagonal Gauss-Newton step, bounded where the
+    curvature (the illumination) is weak by ``damping`` (> 0). ``curvature`` broadcasts
+    against ``grad``."""
+    return (grad / (curvature + damping)).astype(grad.dtype, copy=False)
 
 
 def real_view(a: np.ndarray) -> np.ndarray:
@@ -184,8 +197,9 @@ def parameter_step(
     curvature : ndarray, optional
         A (Gauss-Newton) curvature estimate in ``grad``'s shape. With it, ``gd`` and
         ``momentum`` step along the damped Newton direction ``grad / (curvature + lambda)``
-        (``lambda`` = :data:`GN_DAMPING` times the median curvature), each move capped at
-        ``step_size`` in the value's unit (a trust region); Adam ignores it.
+        (``lambda`` = :data:`GN_DAMPING` times the median curvature), ``spec.newton_fraction``
+        of it, each move capped at ``step_size`` in the value's unit (a trust region); Adam
+        ignores it.
     """
     state = {k: np.array(v) for k, v in ps.state.items()}
     newton = curvature is not None and spec.name in ("gd", "momentum")
@@ -206,7 +220,7 @@ def parameter_step(
     if newton:
         cap = spec.step_size
         x0 = real[index]
-        x, sub = apply_step(x0, g, sub, counts, spec.with_step(1.0))
+        x, sub = apply_step(x0, g, sub, counts, spec.with_step(spec.newton_fraction))
         x = x0 + np.clip(x - x0, -cap, cap)
     else:
         x, sub = apply_step(real[index], g, sub, counts, spec)

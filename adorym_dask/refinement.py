@@ -99,16 +99,25 @@ def plan_refinements(
                       or not math.isfinite(value) or value < 0):
                     raise ConfigError(f"refine.{name}.{key}: {value!r} must be a number >= 0")
                 options[key] = value if isinstance(value, bool) else float(value)
-        step = spec.default_step if entry is None or entry.step_size is None else entry.step_size
+        name_opt = (spec.default_optimizer if entry is None or entry.optimizer is None
+                    else entry.optimizer.value)
+        step = (spec.default_steps.get(name_opt, spec.default_step)
+                if entry is None or entry.step_size is None else entry.step_size)
         if spec.relative_step:
             step *= float(np.abs(initial[name]).max())
         o = cfg.optimizer
-        name_opt = (spec.default_optimizer if entry is None or entry.optimizer is None
-                    else entry.optimizer.value)
         start = spec.default_start_epoch if entry is None or entry.start_epoch is None else entry.start_epoch
+        momentum = (entry.momentum if entry is not None and entry.momentum is not None
+                    else spec.default_momentum if spec.default_momentum is not None
+                    else o.momentum if o.momentum is not None else 0.9)
         out[name] = Refinement(
             spec=spec,
-            optimizer=OptimizerSpec(name_opt, step, o.beta1, o.beta2, o.eps, o.momentum),
+            optimizer=OptimizerSpec(
+                name_opt, step, o.beta1, o.beta2, o.eps, momentum,
+                newton_fraction=(entry.newton_fraction if entry is not None
+                                 and entry.newton_fraction is not None
+                                 else spec.default_newton_fraction),
+            ),
             start_epoch=start,
             stop_epoch=None if entry is None else entry.stop_epoch,
             every_epochs=1 if entry is None else entry.every_epochs,
@@ -207,7 +216,8 @@ def apply_gradients(
     constraints. Pure: returns new states."""
     states = dict(states)
     for name, grad in sums.grads.items():
-        states[name] = parameter_step(states[name], grad, refinements[name].optimizer)
+        states[name] = parameter_step(states[name], grad, refinements[name].optimizer,
+                                      curvature=sums.curvatures.get(name))
     for name, rows in sums.rows.items():
         states[name] = _step_rows(states[name], refinements[name], rows)
     if "probe" in sums.grads:

@@ -63,6 +63,14 @@ def test_task_gradients_sum_to_whole_object_autograd(tmp_path):
     groups = epoch_minibatches(rec.groups, 16, np.random.default_rng(0))[0]
     n = sum(len(g.tiles) for g in groups)
     st = rec.store
+    # a textured object: over the flat start object the position gradient is exactly zero
+    # (a shifted probe times a constant has the same far-field intensities), only round-off
+    rng = np.random.default_rng(5)
+    for block, src in rec.sources.items():
+        state = st.load(block, src)
+        phase = rng.uniform(-0.5, 0.5, state.shape[:3]).astype(np.float32)
+        state[..., 0, 0], state[..., 1, 0] = np.cos(phase), np.sin(phase)
+        st.write_slot(block, src.slot, state)
     shared = shared_values(rec.params, rec.specs)
     pieces = [
         tile_group_gradient(g, st, {b: rec.sources[b] for b in st.blocks_overlapping(g.box)},
@@ -186,15 +194,16 @@ def test_acceptance_256_object_128_detector_300_positions(tmp_path):
 
 def test_multislice_modes_delta_beta_poisson_converge(tmp_path):
     """Every model option on one small problem: 2 slices, 2 modes, delta/beta, Poisson loss
-    and probe refinement; the Poisson deviance must fall by 5x in 8 epochs (measured 7.6x; a
-    broken gradient path would not)."""
+    and probe refinement; the Poisson deviance must fall by 10x in 8 epochs (measured 140x with
+    the default pie update, 7.6x with Adam; a broken gradient path or a preconditioner that
+    ignores how alike the slices act, which oscillated at 2.4x, would not)."""
     sim = _sim(tmp_path, shape=(64, 64), det=(32, 32), n=30, modes=2, slices=2,
                slice_spacing_m=2e-7, photons_per_pattern=1e5)
     cfg = _cfg(sim, tmp_path / "r.zarr", epochs=8,
                model={"slice_spacings_m": [2e-7], "loss": "poisson"},
                object={"representation": "real_imag"}, refine={"probe": {"start_epoch": 2}})
     result = run(cfg)
-    assert result.loss[-1] < 0.2 * result.loss[0]
+    assert result.loss[-1] < 0.1 * result.loss[0]
     db = _cfg(sim, tmp_path / "db.zarr", epochs=3, model={"slice_spacings_m": [2e-7]},
               object={"representation": "delta_beta"})
     r2 = run(db)

@@ -155,24 +155,24 @@ def test_nan_loss_is_not_committed(sim, tmp_path, monkeypatch):
     """The loss of epoch 1, minibatch 2 becomes NaN: the run stops naming both, and the last
     commit is the one before it, from which --resume continues."""
     calls = {"n": 0}
-    real_loss = FarFieldPtychography.loss
+    real_loss = FarFieldPtychography.tile_losses  # the fused forward and loss the tasks call
     rec = Reconstruction(config_from_dict(_tree(sim, tmp_path / "r.zarr", epochs=3)))
     per_epoch = len(epoch_minibatches(rec.groups, 8, np.random.default_rng([0, 0])))
     groups_per_batch = 2  # 8 tiles in groups of 4
     poison = (per_epoch + 2) * groups_per_batch  # first group of epoch 1, minibatch 2
 
-    def loss(self, pred, meas):
+    def loss(self, *args):
         calls["n"] += 1
-        out = real_loss(self, pred, meas)
+        out = real_loss(self, *args)
         return out * float("nan") if calls["n"] == poison + 1 else out
 
-    monkeypatch.setattr(FarFieldPtychography, "loss", loss)
+    monkeypatch.setattr(FarFieldPtychography, "tile_losses", loss)
     with pytest.raises(DivergenceError, match=r"epoch 1, minibatch 2.*step_size"):
         rec.run()
     ck = load_checkpoint(tmp_path / "r.zarr")
     assert (ck.epoch, ck.batch) == (1, 2)
     assert all(np.isfinite(ps.value).all() for ps in ck.params.values())
-    monkeypatch.setattr(FarFieldPtychography, "loss", real_loss)
+    monkeypatch.setattr(FarFieldPtychography, "tile_losses", real_loss)
     resumed = run(config_from_dict(_tree(sim, tmp_path / "r.zarr", epochs=3)), resume=True)
     assert len(resumed.loss) == 3 and np.isfinite(resumed.loss).all()
 
@@ -316,20 +316,24 @@ def test_resume_with_refined_positions_and_search_is_exact(tmp_path, monkeypatch
 
 
 def test_curvature_is_estimated_only_for_the_parameters_that_use_it(sim, tmp_path, monkeypatch):
-    """A default run refines the probe with Adam, which ignores curvature: its tasks must not
-    estimate it (it was 17 % of the in-process loop's time); refined positions (Gauss-Newton
-    steps) need it in every task."""
+    """The probe refined with Adam ignores curvature: its tasks must not estimate any (it was
+    17 % of the in-process loop's time). The default probe step (Gauss-Newton momentum) needs
+    the probe's only, refined positions need theirs, in every task where they are refined."""
     calls = []
     original = FarFieldPtychography.curvature
 
-    def counting(self, *args, **kwargs):
-        calls.append(1)
-        return original(self, *args, **kwargs)
+    def counting(self, *args, names=frozenset(), **kwargs):
+        calls.append(frozenset(names))
+        return original(self, *args, names=names, **kwargs)
 
     monkeypatch.setattr(FarFieldPtychography, "curvature", counting)
-    run(config_from_dict(_tree(sim, tmp_path / "a.zarr", epochs=3)))
+    run(config_from_dict(_tree(sim, tmp_path / "a.zarr", epochs=3,
+                               refine={"probe": {"optimizer": "adam"}})))
     assert calls == []
     run(config_from_dict(_tree(sim, tmp_path / "b.zarr", epochs=3,
                                refine={"positions": {"start_epoch": 2}})))
     n_groups = len(Reconstruction(config_from_dict(_tree(sim, tmp_path / "c.zarr"))).groups)
-    assert len(calls) == n_groups  # epoch 2 only, once per group
+    # 3 epochs of the probe's, then epoch 2 (only) adds the positions', once per group
+    assert calls.count(frozenset({"probe"})) == 2 * n_groups
+    assert calls.count(frozenset({"probe", "positions"})) == n_groups
+    assert len(calls) == 3 * n_groups

@@ -54,7 +54,6 @@ def _run(fly, out: Path, *, modes: int, refine_positions: bool):
         "model": {"kind": "ptychography", "probe_modes": modes},
         "probe": {"init": "file", "path": str(fly.probe_path)},
         "refine": {"positions": {}} if refine_positions else {},
-        "optimizer": {"step_size": 0.01},
         "epochs": 30,
         "output": str(out),
         "cluster": {"scheduler": "sync"},
@@ -78,7 +77,7 @@ def test_five_modes_and_position_refinement(fly, tmp_path):
     assert start == pytest.approx(ERROR_RMS_PX, rel=0.05)
     result, ssim, rms = _run(fly, tmp_path / "r.zarr", modes=5, refine_positions=True)
     assert rms <= 0.5, rms
-    assert ssim >= 0.45, ssim
+    assert ssim >= 0.65, ssim  # measured 0.77 with the default (pie) object update
     power = result.open()["probe_mode_power"].values
     assert np.all(np.diff(power) <= 0) and power.sum() == pytest.approx(1.0)
     assert power[1] > 0.005  # the motion blur is carried by the extra modes

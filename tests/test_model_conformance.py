@@ -149,12 +149,16 @@ class ModelConformance:
     curvature_factor : float
         How far (as a factor, either way) a curvature estimate may be from the loss's second
         difference at a perfect fit.
+    global_curvature_entries : int
+        Entries of a global parameter's curvature checked against the second difference (the
+        best-lit ones: the probe has tens of thousands).
     """
 
     kind: str = ""
     fd_rtol: float = 2e-5
     fd_entries: int = 4
     curvature_factor: float = 10.0
+    global_curvature_entries: int = 6
 
     def make_case(self, tmp_path_factory: pytest.TempPathFactory) -> ConformanceCase:
         """Build the case (implemented by every subclass).
@@ -341,11 +345,14 @@ class ModelConformance:
 
     # -- 4. curvature -----------------------------------------------------------------------
     def test_curvature(self, case: ConformanceCase) -> None:
-        """If the model estimates curvatures: one per declared per-tile or per-angle parameter,
-        finite, non-negative, real, in the shape of the parameter's rows (the gradient's),
-        in float64 and with the engine's dtypes; and, at a perfect fit, within a factor of
-        :attr:`curvature_factor` of the central second difference of ``loss.sum()`` in each
-        entry (the estimate has the gradient's scale: not per pixel, not summed twice)."""
+        """If the model estimates curvatures: one per declared parameter, finite,
+        non-negative, real, in float64 and with the engine's dtypes; for a per-tile or
+        per-angle parameter in the shape of its rows (the gradient's), for a global one in a
+        shape that broadcasts against its real view (the probe's is ``[py, px]``, the same for
+        every mode, shared by a complex entry's real and imaginary parts); and, at a perfect fit, within a
+        factor of :attr:`curvature_factor` of the central second difference of ``loss.sum()``
+        in each entry (the estimate has the gradient's scale: not per pixel, not summed twice;
+        for a global parameter the :attr:`global_curvature_entries` best-lit entries)."""
         if not hasattr(case.model, "curvature"):
             pytest.skip("the model estimates no curvature")
         specs = case.model.parameter_specs()
@@ -360,10 +367,13 @@ class ModelConformance:
             assert isinstance(est, dict) and est, "curvature() returned nothing"
             for name, c in est.items():
                 assert name in specs, f"curvature of undeclared parameter {name!r}"
-                assert specs[name].scope in ("tile", "angle"), name
                 assert not c.is_complex() and c.dtype.is_floating_point, name
                 value = _real_view(p[name])
-                assert tuple(c.shape) == tuple(value.shape), (name, c.shape, value.shape)
+                if specs[name].scope == "global":
+                    shape = torch.broadcast_shapes(c.shape, p[name].shape)
+                    assert tuple(shape) == tuple(p[name].shape), (name, c.shape, p[name].shape)
+                else:
+                    assert tuple(c.shape) == tuple(value.shape), (name, c.shape, value.shape)
                 assert bool(torch.isfinite(c).all()), name
                 assert float(c.min()) >= 0.0, f"negative curvature of {name}: {c}"
 
@@ -379,7 +389,14 @@ class ModelConformance:
             bad = []
             for name, c in est.items():
                 h = 10.0 * self._fd_step(case, name, params[name])
-                for flat in range(c.numel()):
+                entries = range(c.numel())
+                if specs[name].scope == "global":
+                    c = c.expand(params[name].shape)
+                    if params[name].is_complex():  # real and imaginary parts share it
+                        c = c.unsqueeze(-1).expand(*c.shape, 2)
+                    entries = torch.argsort(c.reshape(-1), descending=True)
+                    entries = entries[: self.global_curvature_entries].tolist()
+                for flat in entries:
                     sides = []
                     for sign in (1.0, -1.0):
                         p = {k: v.clone() for k, v in params.items()}

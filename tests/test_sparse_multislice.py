@@ -77,7 +77,6 @@ def _reconstruct(case, *, support: bool):
         "probe": {"init": "file", "path": str(sim.probe_path)},
         "object": {"shape_px": [SHAPE, SHAPE], "chunks_px": [48, 48]},
         "refine": {"probe": None, "slice_spacings": {}},
-        "optimizer": {"step_size": 0.02},
         "minibatch_size": 16,
         "epochs": 40,
         "output": str(tmp / f"{name}.zarr"),
@@ -96,8 +95,15 @@ def _reconstruct(case, *, support: bool):
 
     own = [corr(recon[s], phases[s]) for s in range(2)]
     cross = [corr(recon[s], phases[1 - s]) for s in range(2)]
-    # what of the other slice leaked in: the error's correlation with the other's truth
-    leak = [abs(corr(recon[s] - phases[s], phases[1 - s])) for s in range(2)]
+    # what of the other slice leaked in: the least-squares fraction of the other slice's true
+    # phase in this slice's error (rad per rad; a correlation would normalise by the error,
+    # which is tiny when both runs converge)
+    def leaked(s: int) -> float:
+        err, other = recon[s][mask] - phases[s][mask], phases[1 - s][mask]
+        err, other = err - err.mean(), other - other.mean()
+        return abs(float(err @ other / (other @ other)))
+
+    leak = [leaked(s) for s in range(2)]
     spacing = float(result.params["slice_spacings"][0])
     print(f"\n[sparse multislice, support {name}] spacing {spacing / SPACING_M:.4f} of the "
           f"truth, own {own[0]:.3f} {own[1]:.3f}, cross {cross[0]:.3f} {cross[1]:.3f}, "
@@ -116,7 +122,10 @@ def test_spacing_refined_and_support_removes_crosstalk(case):
     np.testing.assert_allclose(ds["z"].values, [0.0, float(ds["slice_spacings_m"][0])],
                                rtol=1e-3)
     for s in range(2):
-        assert held[2][s] < free[2][s], ("crosstalk", s, held[2], free[2])
+        # a slice's phase correlates with the other's as much as the truths do (a few %,
+        # they overlap) and no more: crosstalk is the excess
+        truth = free[5]
+        assert abs(held[2][s] - truth) < abs(free[2][s] - truth), ("crosstalk", s, held, free)
         assert held[4][s] < free[4][s], ("leak", s, held[4], free[4])
         assert held[1][s] >= free[1][s], ("own", s, held[1], free[1])
     truth_cross = held[5]

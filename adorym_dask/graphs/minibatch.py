@@ -186,7 +186,8 @@ def build_minibatch(
         pieces.append(
             delayed(tile_group_gradient, pure=True)(
                 g, obj, {b: sources[b] for b in blocks}, source, shared, own[g.index], model,
-                scale=1.0 / n_tiles, refine=refine, curvature_for=refine & curvature_for,
+                scale=1.0 / n_tiles, refine=refine, object_curvature=spec.name == "pie",
+                curvature_for=refine & curvature_for,
                 dask_key_name=f"grad-{tag}-{g.index}",
             )
         )

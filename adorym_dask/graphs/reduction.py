@@ -37,9 +37,14 @@ def crop_sum(block_box: Box, n_z: int, *items: GroupGradient | np.ndarray) -> np
     """Sum, in the given order, the parts of ``items`` that fall in ``block_box``.
 
     ``items`` are gradient pieces (cropped to the block) or partial block sums (already
-    ``[h, w, n_z, 2]``). Returns ``[h, w, n_z, 2]`` float32.
+    ``[h, w, n_z, C]``). Returns ``[h, w, n_z, C]`` float32: ``C`` is 2 (the gradient) or 3
+    (with the ``pie`` update's curvature), as the items have it.
     """
-    out = np.zeros((block_box[2], block_box[3], n_z, 2), np.float32)
+    first = items[0] if items else None
+    n_ch = 2 if first is None else (
+        first.shape[-1] if isinstance(first, np.ndarray) else first.object_grad.shape[-1]
+    )
+    out = np.zeros((block_box[2], block_box[3], n_z, n_ch), np.float32)
     for item in items:
         if isinstance(item, np.ndarray):
             out += item
@@ -95,10 +100,14 @@ class SmallSums:
         ...]`` in plan order, each tile once; the driver scatters them by index.
     tile_losses : list
         ``[(angle, tiles, losses), ...]``: each tile's own (unscaled) loss.
+    curvatures : dict
+        Global parameters with a curvature estimate (the probe: the summed object
+        intensity): its sum, like the gradient's.
     """
 
     loss: float
     grads: dict[str, np.ndarray] = field(default_factory=dict)
+    curvatures: dict[str, np.ndarray] = field(default_factory=dict)
     rows: dict[str, list] = field(default_factory=dict)
     tile_losses: list = field(default_factory=list)
 
@@ -114,9 +123,18 @@ def small_sums(scopes: dict[str, str], *items: GroupGradient | SmallSums) -> Sma
     for name, scope in scopes.items():
         if scope == "global":
             out.grads[name] = add_in_order(*(p.grads.get(name) for p in parts))
+            curv = add_in_order(*(p.curvatures.get(name) for p in parts))
+            if curv is not None:
+                out.curvatures[name] = curv
         else:
             out.rows[name] = [row for p in parts for row in p.rows.get(name, [])]
     return out
+
+
+def small_part(item: GroupGradient | SmallSums, scopes: dict[str, str]) -> SmallSums:
+    """Task: the small outputs of one gradient piece (loss, parameter gradients and
+    curvatures, tile losses) as a :class:`SmallSums`, without its object gradient."""
+    return _as_sums(item, scopes)
 
 
 def _as_sums(item: GroupGradient | SmallSums, scopes: dict[str, str]) -> SmallSums:
@@ -129,6 +147,8 @@ def _as_sums(item: GroupGradient | SmallSums, scopes: dict[str, str]) -> SmallSu
         g = item.grads[name]
         if scope == "global":
             sums.grads[name] = g
+            if name in item.curvatures:
+                sums.curvatures[name] = item.curvatures[name]
         else:
             tiles = item.tiles if scope == "tile" else None
             sums.rows[name] = [(item.angle, tiles, g, item.curvatures.get(name))]
@@ -138,8 +158,16 @@ def _as_sums(item: GroupGradient | SmallSums, scopes: dict[str, str]) -> SmallSu
 def small_sum_tree(
     pieces: Sequence[Delayed], *, scopes: dict[str, str], fan_in: int, name: str
 ) -> Delayed:
-    """:class:`SmallSums` over every piece, as a fixed-shape tree."""
-    level = list(pieces)
+    """:class:`SmallSums` over every piece, as a fixed-shape tree.
+
+    Each piece first goes through its own small task (:func:`small_part`), which the
+    scheduler runs where the piece is: the tree then moves only losses and parameter
+    gradients between workers, never the pieces' object gradients.
+    """
+    level = [
+        delayed(small_part, pure=True)(p, scopes, dask_key_name=f"{name}-part-{i}")
+        for i, p in enumerate(pieces)
+    ]
     depth = 0
     while True:
         level = [

@@ -111,6 +111,7 @@ def tile_group_gradient(
     *,
     scale: float,
     refine: frozenset[str] | tuple[str, ...],
+    object_curvature: bool = False,
     curvature_for: frozenset[str] = frozenset({"positions"}),
 ) -> GroupGradient:
     """Forward model, loss and backward pass for one tile group (all tiles and modes batched).
@@ -137,17 +138,24 @@ def tile_group_gradient(
         the minibatch mean.
     refine : collection of str
         Parameters to differentiate besides the object.
+    object_curvature : bool
+        Append the model's per-pixel object curvature (``model.object_curvature_map``, the
+        summed illumination for ptychography) times ``scale`` as one more channel of
+        ``object_grad`` (``[..., C + 1]``), for the ``pie`` optimizer's preconditioner: it is
+        a sum over tiles, so it reduces per block exactly like the gradient.
     curvature_for : collection of str
         Refined parameters whose curvature estimate (``model.curvature``) the driver's step
-        uses; none is computed for the others (it cost 17 % of a default run's loop, which
-        refines only the probe, with Adam).
+        uses; none is computed for the others (it cost 17 % of a default run's loop when the
+        probe was refined with Adam).
     """
     meas = torch.from_numpy(read_tiles(source, group.angle, group.tiles))
     box = torch.from_numpy(obj.read_box(group.box, blocks)).requires_grad_(True)
     params = {name: _leaf(v, name in refine) for name, v in {**shared, **own}.items()}
     batch = Batch(origin=group.box[:2], angle=group.angle, tiles=group.tiles)
-    pred = model.predict(box, params, batch)
-    per_tile = model.loss(pred, meas)
+    if hasattr(model, "tile_losses"):  # a fused forward-and-loss step (ptychography)
+        per_tile = model.tile_losses(box, params, batch, meas)
+    else:
+        per_tile = model.loss(model.predict(box, params, batch), meas)
     loss = per_tile.sum() * scale
     loss.backward()
     grads = {}
@@ -158,15 +166,21 @@ def tile_group_gradient(
     wanted = frozenset(refine) & frozenset(curvature_for)
     if hasattr(model, "curvature") and wanted:
         with torch.no_grad():
-            estimates = model.curvature(box, params, batch)
+            estimates = model.curvature(box, params, batch, names=wanted)
         curvatures = {n: (c * scale).numpy() for n, c in estimates.items() if n in wanted}
+    object_grad = box.grad.numpy()
+    if object_curvature:
+        with torch.no_grad():
+            curv = (model.object_curvature_map(box.detach(), params, batch) * scale).numpy()
+        curv = np.broadcast_to(curv[:, :, None, None], (*object_grad.shape[:3], 1))
+        object_grad = np.concatenate([object_grad, curv.astype(object_grad.dtype)], axis=-1)
     return GroupGradient(
         index=group.index,
         angle=group.angle,
         tiles=group.tiles,
         box=group.box,
         loss=float(loss.detach()),
-        object_grad=box.grad.numpy(),
+        object_grad=object_grad,
         grads=grads,
         curvatures=curvatures,
         tile_loss=per_tile.detach().numpy().astype(np.float64),

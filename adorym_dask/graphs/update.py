@@ -20,7 +20,7 @@ from adorym_dask.models.regularizers import (
     pad_far_edges,
     regularization_gradient,
 )
-from adorym_dask.optimizers import OptimizerSpec, apply_step
+from adorym_dask.optimizers import OptimizerSpec, apply_step, precondition
 from adorym_dask.storage.object_store import ObjectStore
 from adorym_dask.storage.support import read_support
 
@@ -125,11 +125,16 @@ def update_block(
         The block's new source.
     """
     grad = crop_sum(obj.block_box(block), obj.shape[2], *grad_items)
+    curvature = None
+    if grad.shape[-1] == 3:  # pie: the summed per-pixel curvature rides along
+        grad, curvature = grad[..., :2], grad[..., 2:]
     state = obj.load(block, source)
     x = state[..., 0]
     if rules is not None and rules.regularizers:
         ext, inner = with_halo(obj, block, x, borders) if rules.needs_halo else (None, (0, 0))
         grad = grad + regularization_gradient(x, rules, ext, inner)
+    if spec.name == "pie":
+        grad = precondition(grad, curvature if curvature is not None else 0.0, spec.damping)
     opt = {name: state[..., i + 1] for i, name in enumerate(spec.state_names)}
     x, opt = apply_step(x, grad, opt, step, spec)
     if rules is not None and rules.active:

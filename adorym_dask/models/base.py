@@ -41,12 +41,20 @@ class ParameterSpec:
         Default step size, in ``unit`` (or, with ``relative_step``, as a fraction of max |value|).
     default_optimizer : str
         Optimizer when ``refine.<name>.optimizer`` is not given.
+    default_steps : mapping
+        Default step by optimizer name where it differs from ``default_step``.
     relative_step : bool
         Step sizes are fractions of the start value's max |value| (the probe).
     default_start_epoch : int
         First epoch (0-based) that updates it when ``refine`` does not say.
     refined_by_default : bool
         Refined unless ``refine: {<name>: null}`` (the probe).
+    default_momentum : float or None
+        Nesterov coefficient of the ``momentum`` optimizer when ``refine.<name>.momentum`` is
+        not given (None: ``optimizer.momentum``).
+    default_newton_fraction : float
+        Fraction of a damped Gauss-Newton step taken when the model estimates the curvature
+        (see :func:`~adorym_dask.optimizers.parameter_step`).
     options : mapping
         Extra keys accepted under ``refine.<name>`` and their defaults (``max_shift_px``).
     """
@@ -59,9 +67,12 @@ class ParameterSpec:
     unit: str
     default_step: float
     default_optimizer: str = "adam"
+    default_steps: Mapping[str, float] = field(default_factory=dict)
     relative_step: bool = False
     default_start_epoch: int = 0
     refined_by_default: bool = False
+    default_momentum: float | None = None
+    default_newton_fraction: float = 1.0
     options: Mapping[str, float] = field(default_factory=dict)
 
     @property
