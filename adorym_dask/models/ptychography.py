@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from adorym_dask.models.base import Batch, ParameterSpec
-from adorym_dask.models.losses import LOSSES, farfield_loss
+from adorym_dask.models.losses import LOSSES, abs_square, farfield_loss
 from adorym_dask.physics.multislice import multislice, transmission_from_delta_beta
 from adorym_dask.physics.propagation import fraunhofer, fresnel_transfer_function
 from adorym_dask.physics.shifts import fourier_shift
@@ -64,7 +64,7 @@ def farfield_intensities(
     """Far-field intensities ``[G, py, px]`` of a group of tiles, summed over incoherent probe
     modes, zero frequency at ``(py//2, px//2)``; arguments as in :func:`exit_waves`."""
     far = fraunhofer(exit_waves(probe, patches, frac_shifts, transfer_function=transfer_function))
-    return torch.view_as_real(far).square().sum(dim=(-1, 1))
+    return abs_square(far).sum(dim=1)
 
 
 def extract_patches(slices: Tensor, corners: np.ndarray, shape: tuple[int, int]) -> Tensor:
@@ -197,7 +197,7 @@ class FarFieldPtychography:
     def predict(self, obj_box: Tensor, params: dict[str, Tensor], batch: Batch) -> Tensor:
         """Predicted intensities ``[G, det_y, det_x]``; see :class:`ForwardModel`."""
         far = fraunhofer(self._exit_waves(obj_box, params, batch))
-        return torch.view_as_real(far).square().sum(dim=(-1, 1))
+        return abs_square(far).sum(dim=1)
 
     def tile_losses(
         self, obj_box: Tensor, params: dict[str, Tensor], batch: Batch, meas: Tensor
@@ -260,7 +260,7 @@ class FarFieldPtychography:
             hx = c * (light * dx.abs() ** 2).sum(dim=(-2, -1))
             out["positions"] = torch.stack([hy, hx], dim=-1).to(torch.float64)
         if "probe" in names:
-            out["probe"] = (c * torch.view_as_real(t).square().sum(dim=(-1, 0))).to(torch.float64)
+            out["probe"] = (c * abs_square(t).sum(dim=0)).to(torch.float64)
         return out
 
     def object_curvature_map(
