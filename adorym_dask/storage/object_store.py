@@ -34,6 +34,7 @@ import functools
 import itertools
 import math
 import threading
+import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,7 @@ from pathlib import Path
 import numpy as np
 
 from adorym_dask.storage import location
+from adorym_dask.storage.block_cache import CACHE
 from adorym_dask.storage.durability import fsync_file, fsync_zarr_chunk
 
 OBJECT = "object"
@@ -56,9 +58,13 @@ class StoreError(OSError):
 
 @dataclass(frozen=True)
 class BlockRef:
-    """The slot that holds a block's current state in a disk store."""
+    """The slot that holds a block's current state in a disk store, and the state's version:
+    a random id that only this write has, so that the state can be cached per process
+    (:mod:`adorym_dask.storage.block_cache`); ``""`` (start states, checkpoints) is never
+    cached."""
 
     slot: int
+    version: str = ""
 
 
 @dataclass(frozen=True)
@@ -238,18 +244,30 @@ class ObjectStore:
             ) from None
 
     def load(self, block: tuple[int, int], source) -> np.ndarray:
-        """A block's current state from its source (a BlockRef or the array itself)."""
-        if isinstance(source, BlockRef):
+        """A block's current state from its source (a BlockRef or the array itself); a
+        versioned BlockRef is read from this process's block cache when it holds it (the
+        array is then read-only)."""
+        if not isinstance(source, BlockRef):
+            return source
+        if not source.version:
             return self.read_slot(block, source.slot)
-        return source
+        key = (self.path, self.token, block, source.slot, source.version)
+        data = CACHE.get(key)
+        if data is None:
+            data = self.read_slot(block, source.slot)
+            CACHE.put(key, data)
+        return data
 
     def save(self, block: tuple[int, int], old_source, data: np.ndarray):
-        """Store a block's new state without touching the old one; returns the new source."""
+        """Store a block's new state without touching the old one; returns the new source
+        (``data`` must not be changed afterwards: this process's block cache keeps it)."""
         if not self.on_disk:
             return data
         slot = 1 - old_source.slot
         self.write_slot(block, slot, data)
-        return BlockRef(slot)
+        ref = BlockRef(slot, uuid.uuid4().hex)
+        CACHE.put((self.path, self.token, block, slot, ref.version), data)
+        return ref
 
     def publish(self, block: tuple[int, int], source) -> tuple[int, int]:
         """Copy a block's object channels into the run store's ``object`` array."""
