@@ -287,7 +287,9 @@ class OptimizerName(str, enum.Enum):
 class OptimizerConfig(_Strict):
     """The object's optimizer.
 
-    ``name`` defaults to the model's choice: ``pie`` for ptychography, ``adam`` otherwise.
+    ``name`` defaults to the model's choice: ``pie`` for ptychography, ``adam`` otherwise;
+    but a ``step_size`` given without a ``name`` keeps ``adam`` (with a warning), for which
+    such run files were written.
     ``step_size`` for ``adam`` is the step of each value in the object's unit (transmission, or
     delta/beta); for ``gd`` and ``momentum`` it is a fraction of ``1/L``, the step allowed by
     the data term's curvature ``L`` under the current probe (ePIE's ``alpha``). ``pie`` divides

@@ -34,7 +34,7 @@ from distributed.client import futures_of
 from tqdm.auto import tqdm
 
 from adorym_dask.cluster import dask_client
-from adorym_dask.config import ConfigError, RunConfig, config_from_dict
+from adorym_dask.config import ConfigError, OptimizerName, RunConfig, config_from_dict
 from adorym_dask.graphs.minibatch import (
     build_minibatch,
     build_position_search,
@@ -132,7 +132,12 @@ class Reconstruction:
         self.meas = load_measurements(cfg)
         self.model = model_builder(cfg.model.kind)(cfg, self.meas)
         self.specs = self.model.parameter_specs()
+        if resume and cfg.optimizer.name is None:
+            cfg = self._stored_optimizer(cfg)
         self.spec = object_optimizer(cfg, self.model)
+        if cfg.optimizer.name is None:  # record the one used: its state is in every block
+            named = cfg.optimizer.model_copy(update={"name": OptimizerName(self.spec.name)})
+            self.cfg = cfg = cfg.model_copy(update={"optimizer": named})
         self.rules = object_rules(cfg)
         self.path = str(cfg.output)
         self.token = uuid.uuid4().hex[:12]  # part of every Dask key: runs never share keys
@@ -197,6 +202,20 @@ class Reconstruction:
             representation=self.cfg.object.representation.value,
             n_state=len(self.spec.state_names), token=self.store_token,
         )
+
+    def _stored_optimizer(self, cfg: RunConfig) -> RunConfig:
+        """``cfg`` with the object optimizer of the stored run (its state is in every block):
+        an unnamed optimizer in a resumed run means the run's own, whatever the default or a
+        new ``step_size`` would choose for a new run. Adam where the checkpoint names none
+        (written before runs recorded it, when Adam was every model's default). A missing or
+        damaged checkpoint is left to :meth:`_check_resume` to report."""
+        try:
+            stored = load_checkpoint(str(cfg.output)).config["optimizer"].get("name") or "adam"
+        except (CheckpointError, OSError, KeyError):
+            return cfg
+        named = cfg.optimizer.model_copy(update={"name": OptimizerName(stored)})
+        self.cfg = cfg = cfg.model_copy(update={"optimizer": named})
+        return cfg
 
     @property
     def store_token(self) -> str:

@@ -3,6 +3,7 @@ object's optimizer, and its regularizers and constraints."""
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import replace
 
@@ -16,6 +17,8 @@ from adorym_dask.storage.measurements import (
     check_positions_inside,
     open_measurements,
 )
+
+log = logging.getLogger(__name__)
 
 FORMATS = {"auto": None, "native": None, "cxi": "cxi", "adorym": "adorym_h5"}
 DEFAULT_PHASE_STEP_RAD = 0.03  # measured: converges fastest among 0.01/0.03/0.1 on simulations
@@ -65,9 +68,23 @@ def object_optimizer(cfg: RunConfig, model) -> OptimizerSpec:
     """The object's optimizer. For Adam the step is the configured one, or 0.03 rad of phase
     per step: in transmission for real/imag objects, and for delta/beta the delta step whose
     phase shift over one slice, k delta L, is 0.03 rad. For gd and momentum ``step_size`` is
-    a fraction of ``1/L`` (applied per minibatch by :func:`object_learning_rate`)."""
+    a fraction of ``1/L`` (applied per minibatch by :func:`object_learning_rate`).
+
+    Without ``optimizer.name`` the model's default applies (``pie`` for ptychography), except
+    when ``optimizer.step_size`` is given: step sizes mean different things for different
+    optimizers, and a run file that sets a step without naming the optimizer was written when
+    Adam was every model's default, so it keeps Adam (with a warning) instead of taking its
+    Adam step as a fraction of a Newton step."""
     o = cfg.optimizer
-    name = o.name.value if o.name is not None else getattr(model, "default_optimizer", "adam")
+    if o.name is not None:
+        name = o.name.value
+    elif o.step_size is not None:
+        name = "adam"
+        log.warning("optimizer.step_size %g without optimizer.name: using adam, for which such "
+                    "steps were written (the default is now %s); name the optimizer to silence "
+                    "this", o.step_size, getattr(model, "default_optimizer", "adam"))
+    else:
+        name = getattr(model, "default_optimizer", "adam")
     if name != "adam" and not hasattr(model, "object_curvature"):
         raise ConfigError(
             f"optimizer.name: {name} scales its step by the model's object_curvature, which "

@@ -337,3 +337,29 @@ def test_curvature_is_estimated_only_for_the_parameters_that_use_it(sim, tmp_pat
     assert calls.count(frozenset({"probe"})) == 2 * n_groups
     assert calls.count(frozenset({"probe", "positions"})) == n_groups
     assert len(calls) == 3 * n_groups
+
+
+def test_a_resumed_run_keeps_its_object_optimizer(sim, tmp_path):
+    """The optimizer's state is in every block, so an unnamed optimizer in a resumed run is the
+    run's own: a default (pie) run resumed with a new step and no name stays pie (the rule that
+    keeps Adam for a new run's bare step_size must not switch it: that read the pie blocks as
+    Adam's and failed with an IndexError); a checkpoint written before runs recorded the name
+    (None) was Adam's, and resumes as Adam."""
+    from adorym_dask.storage.checkpoint import save_checkpoint
+
+    out = tmp_path / "r.zarr"
+    run(config_from_dict(_tree(sim, out, epochs=1)))
+    assert load_checkpoint(out).config["optimizer"]["name"] == "pie"  # recorded
+    resumed = Reconstruction(config_from_dict(_tree(sim, out, epochs=2,
+                                                    optimizer={"step_size": 0.5})),
+                             resume=True, allow_config_change=True)
+    assert (resumed.spec.name, resumed.spec.step_size) == ("pie", 0.5)
+
+    old = tmp_path / "old.zarr"
+    run(config_from_dict(_tree(sim, old, epochs=1, optimizer={"name": "adam"})))
+    ck = load_checkpoint(old)
+    ck.config["optimizer"]["name"] = None  # as a checkpoint of an earlier version
+    save_checkpoint(old, ck)
+    result = run(config_from_dict(_tree(sim, old, epochs=2)), resume=True)
+    assert len(result.loss) == 2
+    assert load_checkpoint(old).config["optimizer"]["name"] == "adam"

@@ -48,10 +48,11 @@ def sim(tmp_path_factory):
                                  probe_shape=(32, 32), n_positions=60, seed=1)
 
 
-@pytest.mark.parametrize("name", ["gd", "momentum"])
+@pytest.mark.parametrize("name", ["gd", "momentum", "pie"])
 def test_object_gd_and_momentum_converge_with_default_steps(sim, tmp_path, name):
-    """Their default step is a fraction of 1/L, L the data term's curvature under the probe:
-    the loss falls steadily by 10x in 10 epochs (noise-free data, true probe)."""
+    """Their default step is a fraction of 1/L, L the data term's curvature under the probe
+    (pie: of the Newton step with each pixel's own curvature): the loss falls steadily by 10x
+    in 10 epochs (noise-free data, true probe)."""
     result = run(config_from_dict({
         "data": {"path": str(sim.path)},
         "probe": {"init": "file", "path": str(sim.probe_path)},
@@ -92,3 +93,29 @@ def test_shrinkwrap_tightens_the_support(tmp_path):
     assert support[~inside & lit].mean() < 0.5
     recon = result.object()[..., 0, 0] + 1j * result.object()[..., 0, 1]
     assert np.all(recon[~support] == 1.0)
+
+
+def test_a_step_size_without_a_name_keeps_adam(sim, tmp_path, caplog):
+    """Ptychography defaults to pie, but a run file that gives optimizer.step_size without a
+    name was written for Adam (every model's default before): taking 0.01 as a fraction of a
+    Newton step would make it 100x slower without a word."""
+    import itertools
+
+    from adorym_dask.engine import Reconstruction
+
+    count = itertools.count()
+
+    def spec(**opt):
+        return Reconstruction(config_from_dict({
+            "data": {"path": str(sim.path)},
+            "probe": {"init": "file", "path": str(sim.probe_path)},
+            "optimizer": opt, "output": str(tmp_path / f"r{next(count)}.zarr"),
+            "cluster": {"scheduler": "sync"}, "progress": False,
+        })).spec
+
+    assert spec().name == "pie" and spec().step_size == 1.0
+    with caplog.at_level("WARNING", logger="adorym_dask.layout"):
+        s = spec(step_size=0.02)
+    assert (s.name, s.step_size) == ("adam", 0.02)
+    assert "without optimizer.name: using adam" in caplog.text
+    assert spec(name="pie", step_size=0.5).name == "pie"

@@ -14,7 +14,7 @@ import io
 import json
 import os
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -208,7 +208,13 @@ def check_resumable(ck: Checkpoint, new: dict, run: str, *, allow_config_change:
     """Raise :class:`CheckpointError` unless a run with config ``new`` (JSON form) may continue
     from ``ck``: science keys unchanged (or ``allow_config_change``), and in any case the same
     object optimizer (its state is stored with every block), and the same minibatching in the
-    middle of an epoch (otherwise tiles would be skipped or repeated)."""
+    middle of an epoch (otherwise tiles would be skipped or repeated).
+
+    A run records the object optimizer it used in ``optimizer.name``; a checkpoint written
+    before the name was recorded (``None``) used Adam, every model's default then."""
+    if ck.config["optimizer"].get("name") is None:
+        ck = replace(ck, config={**ck.config, "optimizer": {**ck.config["optimizer"],
+                                                            "name": "adam"}})
     diffs = config_differences(ck.config, new)
     if diffs and not allow_config_change:
         raise CheckpointError(
