@@ -111,6 +111,26 @@ def _persist(scheduler, *collections):
     return dask.persist(*collections, scheduler=scheduler)
 
 
+def _stored_optimizer_name(cfg: RunConfig) -> str | None:
+    """The object optimizer the run stored at ``cfg.output`` used: an unnamed optimizer in a
+    resumed run means the run's own, whatever the default or a new ``step_size`` would choose
+    for a new run. Adam where the checkpoint names none (written before runs recorded it, when
+    Adam was every model's default); None where there is no readable checkpoint (the resume
+    reports that itself)."""
+    try:
+        return load_checkpoint(str(cfg.output)).config["optimizer"].get("name") or "adam"
+    except (CheckpointError, OSError, KeyError):
+        return None
+
+
+def _with_optimizer_name(cfg: RunConfig, name: str | None) -> RunConfig:
+    """``cfg`` with ``optimizer.name`` set to ``name`` where it names none (a copy)."""
+    if name is None or cfg.optimizer.name is not None:
+        return cfg
+    named = cfg.optimizer.model_copy(update={"name": OptimizerName(name)})
+    return cfg.model_copy(update={"optimizer": named})
+
+
 class Reconstruction:
     """State of one run on the driver: the plan, the parameters, where each block is, the history.
 
@@ -133,11 +153,10 @@ class Reconstruction:
         self.model = model_builder(cfg.model.kind)(cfg, self.meas)
         self.specs = self.model.parameter_specs()
         if resume and cfg.optimizer.name is None:
-            cfg = self._stored_optimizer(cfg)
+            cfg = _with_optimizer_name(cfg, _stored_optimizer_name(cfg))
         self.spec = object_optimizer(cfg, self.model)
-        if cfg.optimizer.name is None:  # record the one used: its state is in every block
-            named = cfg.optimizer.model_copy(update={"name": OptimizerName(self.spec.name)})
-            self.cfg = cfg = cfg.model_copy(update={"optimizer": named})
+        # the run records the optimizer it uses: its state is in every block
+        self.cfg = cfg = _with_optimizer_name(cfg, self.spec.name)
         self.rules = object_rules(cfg)
         self.path = str(cfg.output)
         self.token = uuid.uuid4().hex[:12]  # part of every Dask key: runs never share keys
@@ -202,20 +221,6 @@ class Reconstruction:
             representation=self.cfg.object.representation.value,
             n_state=len(self.spec.state_names), token=self.store_token,
         )
-
-    def _stored_optimizer(self, cfg: RunConfig) -> RunConfig:
-        """``cfg`` with the object optimizer of the stored run (its state is in every block):
-        an unnamed optimizer in a resumed run means the run's own, whatever the default or a
-        new ``step_size`` would choose for a new run. Adam where the checkpoint names none
-        (written before runs recorded it, when Adam was every model's default). A missing or
-        damaged checkpoint is left to :meth:`_check_resume` to report."""
-        try:
-            stored = load_checkpoint(str(cfg.output)).config["optimizer"].get("name") or "adam"
-        except (CheckpointError, OSError, KeyError):
-            return cfg
-        named = cfg.optimizer.model_copy(update={"name": OptimizerName(stored)})
-        self.cfg = cfg = cfg.model_copy(update={"optimizer": named})
-        return cfg
 
     @property
     def store_token(self) -> str:
