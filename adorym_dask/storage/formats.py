@@ -18,9 +18,14 @@ CXI conventions (``.cxi``, CXI spec 1.6 as written by cdtools)
 * Object-plane pixel size (far field): ``wavelength * distance /
   (det_x * x_pixel_size)``. Objects use square pixels, so if the y sampling
   ``wavelength * distance / (det_y * y_pixel_size)`` differs by > 0.1 % we
-  raise and ask for ``pixel_size_m`` (or a square crop). For near-field
-  data (e.g. the cdtools PETRA III P25 example) the far-field formula does
-  not apply: pass ``pixel_size_m`` explicitly.
+  raise and ask for ``pixel_size_m`` (or a square crop).
+* Near-field data (holography, near-field ptychography; the model says so):
+  the far-field formula does not apply. The object pixel is the detector
+  pixel divided by the cone beam's magnification ``M = (z1 + z2) / z1``
+  (``z1`` the focus-to-sample distance, which CXI does not store: give
+  ``data.source_distance_m``; without it, a plane wave, ``M = 1``) and the
+  effective propagation distance is ``z1 z2 / (z1 + z2)`` (Fresnel scaling
+  theorem), ``z2`` = ``detector_1/distance``.
 * Positions: ``entry_1/sample_1/geometry_1/translation`` (also
   ``data_1/translation``, ``detector_1/translation``) ``[n, 3]`` (x, y, z) in
   metres is the *sample* translation. As in cdtools, the probe position is
@@ -52,6 +57,7 @@ Source: mdw771/adorym README "Dataset format" and ``adorym/ptychography.py``
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from dataclasses import dataclass
@@ -60,6 +66,8 @@ from typing import Any
 import numpy as np
 
 __all__ = ["MeasurementError", "RawMeta", "detect_format", "read_metadata"]
+
+log = logging.getLogger(__name__)
 
 HC_EV_M = 1.239841984e-6  # h * c in eV * m
 _BLOCK_BYTES = 64 * 2**20  # bounded-memory block for value scans / writes
@@ -101,6 +109,9 @@ class RawMeta:
     detector_distance_m: float | None
     frames_flat: bool = False
     is_amplitude: bool = False
+    distances_m: np.ndarray | None = None
+    source_distance_m: np.ndarray | None = None
+    incident_photons: float | None = None
 
 
 def _h5_has(path: str, key: str) -> bool:
@@ -196,14 +207,23 @@ def read_metadata(
     pixel_size_m: float | None = None,
     detector_distance_m: float | None = None,
     raw_data_type: str | None = None,
+    near_field: bool = False,
+    source_distance_m: float | None = None,
 ) -> RawMeta:
-    """Read metadata of an open file; keyword values override stored ones."""
+    """Read metadata of an open file; keyword values override stored ones.
+
+    ``near_field`` says the data are near-field (holograms, near-field ptychography): a CXI
+    file's object pixel size is then the detector pixel divided by the cone beam's
+    magnification (``source_distance_m`` given), or the detector pixel itself (a plane wave),
+    never the far-field formula.
+    """
     if fmt in ("native_h5", "native_zarr"):
         meta = _read_native(handle, where)
     elif fmt == "adorym_h5":
         meta = _read_adorym(handle, where, raw_data_type)
     elif fmt == "cxi":
-        return _read_cxi(handle, where, energy_ev, pixel_size_m, detector_distance_m)
+        return _read_cxi(handle, where, energy_ev, pixel_size_m, detector_distance_m,
+                         near_field=near_field, source_distance_m=source_distance_m)
     else:
         raise MeasurementError(f"fmt: unknown format {fmt!r}")
     if energy_ev is not None:
@@ -212,6 +232,8 @@ def read_metadata(
         meta.pixel_size_m = pixel_size_m
     if detector_distance_m is not None:
         meta.detector_distance_m = detector_distance_m
+    if source_distance_m is not None:
+        meta.source_distance_m = np.asarray(source_distance_m, np.float64)
     return meta
 
 
@@ -225,6 +247,9 @@ def _read_native(handle: Any, where: str) -> RawMeta:
         energy_ev=_scalar(attrs.get("energy_ev"), "energy_ev"),
         pixel_size_m=_scalar(attrs.get("pixel_size_m"), "pixel_size_m"),
         detector_distance_m=_scalar(attrs.get("detector_distance_m"), "detector_distance_m"),
+        distances_m=_read(handle, "distances_m"),
+        source_distance_m=_read(handle, "source_distance_m"),
+        incident_photons=_scalar(attrs.get("incident_photons"), "incident_photons"),
     )
 
 
@@ -279,6 +304,9 @@ def _read_cxi(
     energy_ev: float | None,
     pixel_size_m: float | None,
     distance_m: float | None,
+    *,
+    near_field: bool = False,
+    source_distance_m: float | None = None,
 ) -> RawMeta:
     key = next((k for k in CXI_DATA_KEYS if _node(handle, k) is not None), None)
     if key is None:
@@ -300,6 +328,37 @@ def _read_cxi(
     xps = _scalar(_read(handle, det + "x_pixel_size"), "x_pixel_size")
     yps = _scalar(_read(handle, det + "y_pixel_size"), "y_pixel_size")
     xps, yps = xps or yps, yps or xps
+    distances = None
+    if near_field:
+        # the far-field sampling formula does not apply: the object pixel is the detector
+        # pixel, demagnified by a cone beam (Fresnel scaling theorem)
+        if not distance_m:
+            raise MeasurementError(
+                f"distances_m: near-field data need the sample-to-detector distance; "
+                f"detector_1/distance is missing in {where}: set data.detector_distance_m"
+            )
+        z2 = float(distance_m)
+        z_eff, mag = z2, 1.0
+        if source_distance_m is not None:
+            z1 = float(np.asarray(source_distance_m).reshape(-1)[0])
+            z_eff, mag = z1 * z2 / (z1 + z2), (z1 + z2) / z1
+        if pixel_size_m is None:
+            if not xps:
+                raise MeasurementError(
+                    f"pixel_size_m: detector_1/x_pixel_size missing in {where}; set "
+                    "data.pixel_size_m (object-plane pixel size, metres)"
+                )
+            if yps and not math.isclose(xps, yps, rel_tol=1e-3):
+                raise MeasurementError(
+                    f"pixel_size_m: detector pixels are not square ({yps:.4g} x {xps:.4g} m) in "
+                    f"{where}; set data.pixel_size_m explicitly"
+                )
+            pixel_size_m = xps / mag
+        distances = np.full(ds.shape[0], z_eff)
+        log.info("CXI %s read as near-field data: object pixel %.4g m, effective (plane-wave) "
+                 "distance %.5g m%s", where, pixel_size_m, z_eff,
+                 "" if source_distance_m is None else
+                 f" (cone beam, magnification {mag:.4g}, Fresnel scaling theorem)")
     if pixel_size_m is None and len(ds.shape) == 3:
         missing = [n for n, v in (("energy", energy_ev), ("detector_1/distance", distance_m),
                                   ("detector_1/x_pixel_size", xps)) if not v]
@@ -329,7 +388,7 @@ def _read_cxi(
     return RawMeta(
         key=key, shape=tuple(ds.shape), dtype=np.dtype(ds.dtype), positions_px=positions,
         angles_rad=None, mask=mask, energy_ev=energy_ev, pixel_size_m=pixel_size_m,
-        detector_distance_m=distance_m, frames_flat=True,
+        detector_distance_m=distance_m, frames_flat=True, distances_m=distances,
     )
 
 
@@ -425,8 +484,17 @@ def _validate_meta(
     pixel_size_m: Any,
     detector_distance_m: Any,
     where: str,
+    distances_m: Any = None,
+    source_distance_m: Any = None,
+    incident_photons: Any = None,
 ) -> dict[str, Any]:
-    """Check metadata consistency; return normalised fields."""
+    """Check metadata consistency; return normalised fields.
+
+    A cone beam (``source_distance_m`` given, one per tile or one for all) turns the
+    recorded sample-to-detector ``distances_m`` into effective plane-wave distances
+    ``z1 z2 / (z1 + z2)`` (Fresnel scaling theorem); ``pixel_size_m`` is the object-plane
+    pixel already.
+    """
     want = 3 if frames_flat else 4
     layout = "[n_frames, det_y, det_x]" if frames_flat else "[n_angles, n_tiles, det_y, det_x]"
     if len(shape) != want:
@@ -504,7 +572,44 @@ def _validate_meta(
             "detector_distance_m", detector_distance_m,
             "set data.detector_distance_m in the config (metres) or remove it",
         )
+    dist = _distances(distances_m, n_tiles, where)
+    if source_distance_m is not None:
+        z1 = _distances(source_distance_m, n_tiles, where, name="source_distance_m")
+        if dist is None:
+            raise MeasurementError(
+                f"source_distance_m is given but distances_m (sample-to-detector, metres, one "
+                f"per hologram) is missing in {where}; add it or drop source_distance_m"
+            )
+        dist = z1 * dist / (z1 + dist)
+        log.info("cone beam in %s: effective plane-wave distances %s m (Fresnel scaling "
+                 "theorem, z1 z2 / (z1 + z2))", where, np.array2string(dist, precision=5))
+    photons = 1.0 if incident_photons is None else _positive(
+        "incident_photons", incident_photons,
+        f"the bare beam's counts per pixel in {where}; fix the attribute or remove it (default 1)",
+    )
     return dict(
         n_angles=int(n_angles), n_tiles=int(n_tiles), det_shape=det_shape, positions_px=pos,
         angles_rad=ang, mask=msk, energy_ev=e, pixel_size_m=p, detector_distance_m=d,
+        distances_m=dist, incident_photons=photons,
     )
+
+
+def _distances(value: Any, n_tiles: int, where: str, *, name: str = "distances_m") -> np.ndarray | None:
+    """``[n_tiles]`` float64 positive distances (one value is repeated), or None."""
+    if value is None:
+        return None
+    d = np.asarray(value, dtype=np.float64).reshape(-1)
+    if d.size == 1:
+        d = np.full(n_tiles, float(d[0]))
+    if d.size != n_tiles:
+        raise MeasurementError(
+            f"{name} has {d.size} values but intensities has {n_tiles} holograms (tiles) in "
+            f"{where}; give one distance in metres per hologram"
+        )
+    if not np.isfinite(d).all() or (d <= 0).any():
+        bad = int(np.flatnonzero(~np.isfinite(d) | (d <= 0))[0])
+        raise MeasurementError(
+            f"{name}[{bad}] = {d[bad]} in {where}: every distance must be finite and > 0 "
+            "(metres; effective plane-wave distances for a cone beam)"
+        )
+    return d

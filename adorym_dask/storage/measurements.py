@@ -14,8 +14,14 @@ same tree::
                   fractional values allowed.
     angles_rad    (optional) float [n_angles]
     mask          (optional) bool [det_y, det_x]; False = ignored pixel.
+    distances_m   (near-field models) float [n_tiles]: each hologram's effective
+                  plane-wave propagation distance.
+    source_distance_m  (optional) float [n_tiles]: a cone beam's focus-to-sample
+                  distance; distances_m then holds sample-to-detector distances,
+                  converted to effective ones on read (Fresnel scaling theorem).
     attrs (root)  energy_ev, pixel_size_m (object-plane pixel size),
-                  optional detector_distance_m.
+                  optional detector_distance_m, incident_photons (bare-beam
+                  counts per pixel, default 1).
 
 Other groups (e.g. ``ground_truth/...``) may exist and are ignored.
 
@@ -36,7 +42,7 @@ import shutil
 import threading
 import uuid
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -61,10 +67,11 @@ __all__ = [
     "check_positions_inside",
     "write_measurements",
     "close_cached_files",
+    "subset_measurements",
 ]
 
 FORMATS = ("native_h5", "native_zarr", "cxi", "adorym_h5")
-_RESERVED = ("intensities", "positions_px", "angles_rad", "mask")
+_RESERVED = ("intensities", "positions_px", "angles_rad", "mask", "distances_m", "source_distance_m")
 @dataclass(frozen=True)
 class TileSource:
     """Picklable pointer to the intensity stack inside a measurement file.
@@ -90,6 +97,13 @@ class TileSource:
     key: str
     frames_flat: bool = False
     is_amplitude: bool = False
+    tiles: tuple[int, ...] | None = None
+    split: tuple[int, int, int, int] | None = None
+
+    # ``tiles``: a subset (``data.subset``): tile i of this source is file tile ``tiles[i]``.
+    # ``split``: ``(ty, tx, n_y, n_x)``, each file tile (hologram) cut into ``n_y x n_x``
+    # sub-tiles of ``ty x tx`` pixels (row-major); sub-tiles reaching past the hologram are
+    # padded with zeros (the model masks those pixels).
 
 
 @dataclass(frozen=True, eq=False)
@@ -110,6 +124,11 @@ class Measurements:
         bool ``[det_y, det_x]``, False = ignored pixel.
     energy_ev, pixel_size_m : float
     detector_distance_m : float or None
+    distances_m : np.ndarray or None
+        float64 ``[n_tiles]`` effective (plane-wave) propagation distance of each tile
+        (hologram), for near-field models.
+    incident_photons : float
+        Counts per pixel of the bare beam (full-field models' plane-wave illumination).
     """
 
     source: TileSource
@@ -122,6 +141,8 @@ class Measurements:
     energy_ev: float
     pixel_size_m: float
     detector_distance_m: float | None
+    distances_m: np.ndarray | None = None
+    incident_photons: float = 1.0
 
     @property
     def wavelength_m(self) -> float:
@@ -234,6 +255,10 @@ def read_tiles(source: TileSource, angle: int, tile_indices: np.ndarray) -> np.n
         ``tile_indices`` (amplitude formats are squared).
     """
     idx = np.asarray(tile_indices, dtype=np.int64).reshape(-1)
+    if source.split is not None:
+        return _read_subtiles(source, angle, idx)
+    if source.tiles is not None:
+        idx = np.asarray(source.tiles, np.int64)[idx]
     ds = _get_handle(source.path, source.fmt)[source.key]
     shape = tuple(ds.shape)
     n_tiles = shape[0] if source.frames_flat else shape[1]
@@ -262,6 +287,34 @@ def read_tiles(source: TileSource, angle: int, tile_indices: np.ndarray) -> np.n
     return out
 
 
+def _read_subtiles(source: TileSource, angle: int, idx: np.ndarray) -> np.ndarray:
+    """Sub-tiles of a split source, ``[k, ty, tx]``, zero where they reach past the tile."""
+    ty, tx, n_y, n_x = source.split
+    whole = TileSource(source.path, source.fmt, source.key, source.frames_flat,
+                       source.is_amplitude, source.tiles)
+    holo, sub = np.divmod(idx, n_y * n_x)
+    out = np.zeros((len(idx), ty, tx), np.float32)
+    for h in np.unique(holo):
+        image = read_tiles(whole, angle, np.asarray([h]))[0]
+        for i in np.flatnonzero(holo == h):
+            y0, x0 = (sub[i] // n_x) * ty, (sub[i] % n_x) * tx
+            part = image[y0 : y0 + ty, x0 : x0 + tx]
+            out[i, : part.shape[0], : part.shape[1]] = part
+    return out
+
+
+def subset_measurements(meas: Measurements, which: np.ndarray) -> Measurements:
+    """The measurements of the tiles ``which [k]`` only (every angle), as tiles 0..k-1."""
+    which = np.asarray(which, np.int64)
+    base = meas.source.tiles
+    files = tuple(int(base[i]) if base is not None else int(i) for i in which)
+    return replace(
+        meas, source=replace(meas.source, tiles=files), n_tiles=len(which),
+        positions_px=meas.positions_px[:, which],
+        distances_m=None if meas.distances_m is None else meas.distances_m[which],
+    )
+
+
 def open_measurements(
     path: str | os.PathLike,
     *,
@@ -271,6 +324,8 @@ def open_measurements(
     detector_distance_m: float | None = None,
     check_values: bool = True,
     raw_data_type: str | None = None,
+    near_field: bool = False,
+    source_distance_m: float | None = None,
 ) -> Measurements:
     """Open and validate a measurement file without loading the intensities.
 
@@ -288,6 +343,12 @@ def open_measurements(
     raw_data_type : {"intensity", "magnitude"}, optional
         Adorym files only: what ``exchange/data`` holds (Adorym's own
         ``raw_data_type`` argument; default ``"intensity"``).
+    near_field : bool
+        The model propagates in the near field (see
+        :func:`adorym_dask.storage.formats.read_metadata`).
+    source_distance_m : float, optional
+        Focus-to-sample distance of a cone beam (overrides a stored
+        ``source_distance_m``): distances become effective plane-wave ones.
 
     Returns
     -------
@@ -306,12 +367,16 @@ def open_measurements(
     raw = formats.read_metadata(
         handle, fmt, where=p, energy_ev=energy_ev, pixel_size_m=pixel_size_m,
         detector_distance_m=detector_distance_m, raw_data_type=raw_data_type,
+        near_field=near_field, source_distance_m=source_distance_m,
     )
     fields = _validate_meta(
         shape=raw.shape, dtype=raw.dtype, frames_flat=raw.frames_flat,
         positions_px=raw.positions_px, angles_rad=raw.angles_rad, mask=raw.mask,
         energy_ev=raw.energy_ev, pixel_size_m=raw.pixel_size_m,
-        detector_distance_m=raw.detector_distance_m, where=p,
+        detector_distance_m=raw.detector_distance_m, where=p, distances_m=raw.distances_m,
+        # CXI converts its single detector distance itself (it also sets the pixel size)
+        source_distance_m=None if fmt == "cxi" else raw.source_distance_m,
+        incident_photons=raw.incident_photons,
     )
     source = TileSource(
         path=p, fmt=fmt, key=raw.key, frames_flat=raw.frames_flat, is_amplitude=raw.is_amplitude
@@ -387,6 +452,9 @@ def write_measurements(
     mask: np.ndarray | None = None,
     extra: dict[str, np.ndarray] | None = None,
     overwrite: bool = False,
+    distances_m: np.ndarray | None = None,
+    source_distance_m: np.ndarray | float | None = None,
+    incident_photons: float | None = None,
 ) -> str:
     """Write the native layout to ``path`` (``.h5``/``.hdf5`` or ``.zarr``).
 
@@ -411,6 +479,14 @@ def write_measurements(
         Extra arrays by path, e.g. ``{"ground_truth/object": arr}``.
     overwrite : bool
         Replace an existing ``path``.
+    distances_m : np.ndarray, optional
+        ``[n_tiles]`` propagation distance of each hologram: effective plane-wave distances,
+        or with ``source_distance_m`` the sample-to-detector distances of a cone beam, which
+        are converted (``z1 z2 / (z1 + z2)``) before they are written.
+    source_distance_m : float or np.ndarray, optional
+        Focus-to-sample distance ``z1`` of a cone beam (one, or one per hologram).
+    incident_photons : float, optional
+        Bare-beam counts per pixel (attribute; full-field models' illumination).
 
     Returns
     -------
@@ -434,6 +510,8 @@ def write_measurements(
         shape=shape, dtype=np.dtype(intensities.dtype), frames_flat=False,
         positions_px=positions_px, angles_rad=angles_rad, mask=mask, energy_ev=energy_ev,
         pixel_size_m=pixel_size_m, detector_distance_m=detector_distance_m, where="arguments",
+        distances_m=distances_m, source_distance_m=source_distance_m,
+        incident_photons=incident_photons,
     )
     extra = dict(extra or {})
     for name in extra:
@@ -443,6 +521,8 @@ def write_measurements(
     attrs = {"energy_ev": fields["energy_ev"], "pixel_size_m": fields["pixel_size_m"]}
     if fields["detector_distance_m"] is not None:
         attrs["detector_distance_m"] = fields["detector_distance_m"]
+    if incident_photons is not None:
+        attrs["incident_photons"] = fields["incident_photons"]
     n_a, n_t, dy, dx = shape
     chunk = (1, min(n_t, 16), dy, dx)
     base = os.path.basename(p.rstrip(os.sep))
@@ -453,7 +533,7 @@ def write_measurements(
             # zarr's create_array and h5py's create_dataset take the same arguments here
             ds = make("intensities", shape=shape, chunks=chunk, dtype="float32")
             make("positions_px", data=pos)
-            for name in ("angles_rad", "mask"):
+            for name in ("angles_rad", "mask", "distances_m"):
                 if fields[name] is not None:
                     make(name, data=fields[name])
             for name, arr in extra.items():
