@@ -47,6 +47,14 @@ class DataFormat(str, enum.Enum):
     adorym = "adorym"
 
 
+class TileSubset(str, enum.Enum):
+    all = "all"
+    even = "even"
+    odd = "odd"
+    first_half = "first_half"
+    second_half = "second_half"
+
+
 class DataConfig(_Strict):
     """Where the measurements are and metadata the file may lack."""
 
@@ -55,6 +63,15 @@ class DataConfig(_Strict):
     energy_ev: float | None = Field(None, gt=0, description="overrides the file's energy")
     pixel_size_m: float | None = Field(None, gt=0, description="object-plane pixel size override")
     detector_distance_m: float | None = Field(None, gt=0)
+    source_distance_m: float | None = Field(
+        None, gt=0, description="cone beam: focus-to-sample distance; near-field distances "
+        "become effective plane-wave ones, z1 z2 / (z1 + z2), and a CXI file's object pixel "
+        "the detector pixel divided by the magnification (z1 + z2) / z1",
+    )
+    subset: TileSubset = Field(
+        TileSubset.all, description="use only some tiles: 'even'/'odd' (alternate scan "
+        "points, two disjoint halves covering the same field) or 'first_half'/'second_half'",
+    )
     check_values: bool = Field(True, description="scan intensities for NaN/negative values")
 
 
@@ -71,9 +88,16 @@ class ModelConfig(_Strict):
     loss: LossKind = LossKind.lsq
 
 
-class PtychographyConfig(ModelConfig):
-    """``model:`` keys of far-field ptychography (multislice, incoherent probe modes)."""
+class Propagation(str, enum.Enum):
+    far_field = "far_field"
+    near_field = "near_field"
 
+
+class PtychographyConfig(ModelConfig):
+    """``model:`` keys of ptychography (multislice, incoherent probe modes; far field, or
+    near field with the Fresnel propagator over each tile's ``distances_m``)."""
+
+    propagation: Propagation = Propagation.far_field
     probe_modes: int = Field(1, ge=1)
     slices: int = Field(1, ge=1)
     slice_spacings_m: list[Annotated[float, Field(gt=0)]] | None = Field(
@@ -103,6 +127,44 @@ class PtychographyConfig(ModelConfig):
             raise ValueError(
                 f"model.slice_spacings_m has {len(self.slice_spacings_m)} value(s) but "
                 f"model.slices = {self.slices} has {gaps} gap(s); give one distance per gap"
+            )
+        return self
+
+
+class HolographyConfig(ModelConfig):
+    """``model:`` keys of multi-distance (in-line, near-field) holography."""
+
+    slices: int = Field(1, ge=1)
+    slice_spacings_m: list[Annotated[float, Field(gt=0)]] | None = Field(
+        None, description="distance between consecutive slices, one per gap",
+    )
+    kappa: float | None = Field(
+        None, gt=0, description="homogeneous object: beta = kappa * delta with one refinable "
+        "kappa (refine.kappa); needs object.representation: delta_beta",
+    )
+    tile_px: int = Field(
+        512, ge=4, description="holograms larger than this are split into tiles of this "
+        "size, each predicted from the object under it plus a halo (the tiling approach)",
+    )
+    margin_factor: float = Field(
+        1.25, ge=1.0, description="the object's margin around the holograms' field (and the "
+        "window of an unsplit hologram): this many times the Fresnel spread "
+        "lambda z_max / (2 pixel), plus refine.affine.max_shift_px",
+    )
+    tile_halo_factor: float = Field(
+        6.0, ge=1.0, description="split holograms: each tile's halo, in Fresnel spreads; "
+        "the object beyond a tile's window is not vacuum, and the kernel's tail decays slowly "
+        "(6 spreads: tiled equals untiled to 5e-5 of the peak; 1.25: 1e-2)",
+    )
+
+    @model_validator(mode="after")
+    def _spacing_for_multislice(self) -> HolographyConfig:
+        gaps = self.slices - 1
+        given = len(self.slice_spacings_m or [])
+        if given != gaps:
+            raise ValueError(
+                f"model.slice_spacings_m has {given} value(s) but model.slices = {self.slices} "
+                f"has {gaps} gap(s); give one distance per gap"
             )
         return self
 
@@ -175,6 +237,11 @@ class Representation(str, enum.Enum):
     delta_beta = "delta_beta"
 
 
+class Margin(str, enum.Enum):
+    vacuum = "vacuum"  # held at transmission 1 (an isolated sample)
+    free = "free"  # refined (a sample larger than the field)
+
+
 class StoreKind(str, enum.Enum):
     zarr = "zarr"  # double-buffered blocks in the run's zarr store (default; out of core)
     hdf5 = "hdf5"  # the paper's H5 mode: blocks in one HDF5 file, one writer at a time
@@ -220,8 +287,17 @@ class ObjectConfig(_Strict):
     )
     shrinkwrap: ShrinkwrapConfig | None = None
     constraint: Constraint = Constraint.none
+    margin: Margin = Field(
+        Margin.vacuum, description="holography: the margin around the holograms' field, "
+        "held at vacuum (an isolated sample) or refined ('free', a sample larger than the field)",
+    )
     non_negative: bool = Field(
         False, description="delta_beta: clip delta and beta at 0 after every update"
+    )
+    passive: bool | None = Field(
+        None, description="the object absorbs and never amplifies: |T| <= 1 (real_imag) or "
+        "beta >= 0 (delta_beta) after every update; default: on for holography (it breaks "
+        "the tie between a common distance error and a defocused object), off otherwise",
     )
 
     @field_validator("chunks_px", "shape_px")

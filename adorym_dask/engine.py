@@ -151,13 +151,19 @@ class Reconstruction:
         self.cfg = cfg
         self.meas = load_measurements(cfg)
         self.model = model_builder(cfg.model.kind)(cfg, self.meas)
+        view = getattr(self.model, "engine_measurements", None)
+        if view is not None:  # e.g. holograms cut into tiles
+            self.meas = view(self.meas)
+        # pixels a model reads beyond each tile (holography's Fresnel halo)
+        self.reach = int(getattr(self.model, "reach_px", 0))
         self.specs = self.model.parameter_specs()
         if resume and cfg.optimizer.name is None:
             cfg = _with_optimizer_name(cfg, _stored_optimizer_name(cfg))
         self.spec = object_optimizer(cfg, self.model)
         # the run records the optimizer it uses: its state is in every block
         self.cfg = cfg = _with_optimizer_name(cfg, self.spec.name)
-        self.rules = object_rules(cfg)
+        self.vacuum_margin = bool(getattr(self.model, "vacuum_margin", False))
+        self.rules = object_rules(cfg, vacuum_margin=self.vacuum_margin)
         self.path = str(cfg.output)
         self.token = uuid.uuid4().hex[:12]  # part of every Dask key: runs never share keys
         self.sources: dict | None = None
@@ -168,12 +174,13 @@ class Reconstruction:
         self.refinements = plan_refinements(cfg, self.specs, initial)
         moves = self.refinements.get("positions")
         self.max_shift = moves.options["max_shift_px"] if moves is not None else 0.0
-        shape, self.offset = object_layout(cfg, self.meas, movement_px=self.max_shift)
+        shape, self.offset = object_layout(cfg, self.meas,
+                                           movement_px=self.max_shift + self.reach)
         self.obj_shape = (*shape, getattr(cfg.model, "slices", 1))
         if ck is None:
             initial["positions"] = initial["positions"] + self.offset
         self.initial = initial
-        self.halo = int(math.ceil(self.max_shift))
+        self.halo = int(math.ceil(self.max_shift)) + self.reach
         det = np.asarray(self.meas.det_shape, np.float64)
         self.bounds = PositionBounds(
             initial["positions"], self.max_shift, np.zeros(2), np.asarray(shape) - det,
@@ -362,10 +369,13 @@ class Reconstruction:
         npy = self.cfg.object.support_path
         if npy is not None:
             load_support_file(npy, self.obj_shape)  # clear error before any task runs
+        inside = (self.model.interior_boxes(self.initial["positions"])
+                  if self.vacuum_margin else None)
         tasks = [
             delayed(init_support_block, pure=False)(
                 self.path, None if npy is None else str(npy), self.store.block_box(b),
-                self.obj_shape[2], dask_key_name=f"support-{self.token}-{b[0]}-{b[1]}",
+                self.obj_shape[2], inside=inside,
+                dask_key_name=f"support-{self.token}-{b[0]}-{b[1]}",
             )
             for b in self.store.all_blocks()
         ]
@@ -432,7 +442,9 @@ class Reconstruction:
     def _footprints(self, groups: list[TileGroup]) -> dict[int, tuple[int, int, int, int]]:
         """The box each group's tiles cover now (inside its halo-widened box)."""
         pos = self.params["positions"].value
-        return {g.index: group_box(pos[g.angle, g.tiles], self.meas.det_shape) for g in groups}
+        return {g.index: grow_box(group_box(pos[g.angle, g.tiles], self.meas.det_shape),
+                                  self.reach, self.obj_shape[:2])
+                for g in groups}
 
     def active_refinements(self, epoch: int) -> dict[str, str]:
         """Parameters updated in ``epoch``, with their scopes."""
@@ -471,6 +483,8 @@ class Reconstruction:
         if self.start_loss is None:
             self.start_loss = float(sums.loss)  # the first minibatch, before any update
         params = apply_gradients(self.params, self.refinements, sums, bounds=self.bounds)
+        if hasattr(self.model, "constrain_parameters"):
+            params = self.model.constrain_parameters(params)
         for name, ps in params.items():
             if not np.all(np.isfinite(ps.value)):
                 self._check_finite(float("nan"), epoch, b, what=f"parameter {name}")
@@ -493,7 +507,7 @@ class Reconstruction:
 
     def _step_sizes(self) -> str:
         steps = [f"optimizer.step_size (now {self.spec.step_size:.3g})"]
-        steps += [f"refine.{n}.step_size (now {r.optimizer.step_size:.3g} {r.spec.unit})"
+        steps += [f"refine.{n}.step_size (now {np.max(r.optimizer.step_size):.3g} {r.spec.unit})"
                   for n, r in self.refinements.items()]
         return " or ".join(steps)
 
@@ -518,6 +532,7 @@ class Reconstruction:
                 f"Lower {self._step_sizes()} and start again"
             )
         self.loss.append(loss)
+        self._log_small_parameters(loss)
         self.epoch += 1
         self.batch, self.epoch_loss = 0, (0.0, 0)
         sw = self.cfg.object.shrinkwrap
@@ -534,11 +549,25 @@ class Reconstruction:
         self.clock.extend_last()
         return loss
 
+    def _log_small_parameters(self, loss: float) -> None:
+        """Log the epoch's loss and every refined global parameter of a few values
+        (distances, affine maps, kappa, slice spacings): the refinement as it goes."""
+        parts = [f"loss {loss:.5g}"]
+        for name, r in self.refinements.items():
+            value = self.params[name].value
+            if r.spec.scope == "global" and np.size(value) <= 64 and not np.iscomplexobj(value):
+                shown = np.array2string(np.asarray(value), precision=6, separator=", ",
+                                        max_line_width=10_000).replace("\n", "")
+                parts.append(f"{r.spec.output} {shown}")
+        log.info("epoch %d: %s", self.epoch, "; ".join(parts))
+
     def publish(self, scheduler) -> None:
         """Copy every block's committed object into the run store's ``object`` array, and the
         parameters and loss history beside it."""
         tasks = [delayed(self.store.publish, pure=False)(b, src) for b, src in self.sources.items()]
         dask.compute(*tasks, scheduler=scheduler)
+        if "kappa" in self.params:  # the stored channel 1 is beta = kappa * delta
+            results.fill_beta_from_kappa(self.path, float(self.params["kappa"].value))
         try:
             self._write_parameters()
             results.write_history(self.path, self.loss, self.clock.epoch_seconds)

@@ -16,6 +16,7 @@ from adorym_dask.storage.measurements import (
     Measurements,
     check_positions_inside,
     open_measurements,
+    subset_measurements,
 )
 
 log = logging.getLogger(__name__)
@@ -30,16 +31,42 @@ DEFAULT_CURVATURE_STEP = {"gd": 0.5, "momentum": 0.1, "pie": 1.0}
 DEFAULT_MOMENTUM = {"pie": 0.5, "momentum": 0.9}
 
 
+def is_near_field(cfg: RunConfig) -> bool:
+    """Whether the model propagates in the near field (holography, near-field ptychography)."""
+    prop = getattr(cfg.model, "propagation", None)
+    return cfg.model.kind == "holography" or getattr(prop, "value", prop) == "near_field"
+
+
 def load_measurements(cfg: RunConfig) -> Measurements:
+    """Open ``cfg.data`` (near-field metadata as the model needs it) and take its subset."""
     d = cfg.data
-    return open_measurements(
+    meas = open_measurements(
         d.path,
         fmt=FORMATS[d.format.value],
         energy_ev=d.energy_ev,
         pixel_size_m=d.pixel_size_m,
         detector_distance_m=d.detector_distance_m,
         check_values=d.check_values,
+        near_field=is_near_field(cfg),
+        source_distance_m=d.source_distance_m,
     )
+    return tile_subset(meas, d.subset.value)
+
+
+def tile_subset(meas: Measurements, which: str) -> Measurements:
+    """``data.subset``: every tile, alternate ones (``even``/``odd``: two disjoint halves of
+    a scan that cover the same field) or the first/second half in file order."""
+    n = meas.n_tiles
+    index = {
+        "all": None, "even": np.arange(0, n, 2), "odd": np.arange(1, n, 2),
+        "first_half": np.arange(n // 2), "second_half": np.arange(n // 2, n),
+    }[which]
+    if index is None:
+        return meas
+    if len(index) == 0:
+        raise ConfigError(f"data.subset: {which} of {n} tile(s) is empty; use data.subset: all")
+    log.info("data.subset %s: %d of %d tiles", which, len(index), n)
+    return subset_measurements(meas, index)
 
 
 def object_layout(
@@ -120,8 +147,10 @@ def object_learning_rate(spec: OptimizerSpec, model, params: dict, n_tiles: int)
     return spec.with_step(spec.step_size / top)
 
 
-def object_rules(cfg: RunConfig) -> ObjectRules | None:
-    """Regularizers and constraints of the blockwise update (None when there are none)."""
+def object_rules(cfg: RunConfig, *, vacuum_margin: bool = False) -> ObjectRules | None:
+    """Regularizers and constraints of the blockwise update (None when there are none);
+    ``vacuum_margin``: the model holds the object outside its tiles' field at vacuum (a
+    support made of the field)."""
     n_z = getattr(cfg.model, "slices", 1)
     regs = tuple(
         Regularizer(
@@ -137,6 +166,7 @@ def object_rules(cfg: RunConfig) -> ObjectRules | None:
         regularizers=regs,
         constraint=o.constraint.value,
         non_negative=o.non_negative,
-        support=o.support_path is not None or o.shrinkwrap is not None,
+        support=o.support_path is not None or o.shrinkwrap is not None or vacuum_margin,
+        passive=o.passive if o.passive is not None else cfg.model.kind == "holography",
     )
     return rules if rules.active else None

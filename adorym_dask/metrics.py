@@ -314,3 +314,74 @@ def in_object_frame(
         dst.append(slice(lo + off[axis], hi + off[axis]))
     out[tuple(dst)] = image[tuple(src)]
     return out
+
+
+# --------------------------------------------------------------------------
+# holography (paper Sec. 3.2)
+# --------------------------------------------------------------------------
+def highpass(image: np.ndarray, cutoff_cycles_per_px: float, *, sigma_px: float = 2.5) -> np.ndarray:
+    """``image [ny, nx]`` keeping spatial frequencies above ``cutoff_cycles_per_px``, the
+    filter's edge smoothed by a Gaussian of ``sigma_px`` frequency pixels (the paper's
+    scoring of hologram phases: they carry little of the lowest frequencies)."""
+    ny, nx = image.shape
+    fy = np.fft.fftshift(np.fft.fftfreq(ny))
+    fx = np.fft.fftshift(np.fft.fftfreq(nx))
+    keep = (np.hypot(fy[:, None], fx[None, :]) > cutoff_cycles_per_px).astype(np.float64)
+    keep = ndimage.gaussian_filter(keep, sigma_px, mode="nearest")
+    spec = np.fft.fftshift(np.fft.fft2(image - image.mean()))
+    return np.fft.ifft2(np.fft.ifftshift(spec * keep)).real
+
+
+def hologram_phase_cutoff(wavelength_m: float, mean_distance_m: float, pixel_size_m: float) -> float:
+    """The paper's cutoff ``1 / (4 sqrt(lambda z_mean))`` in cycles per pixel."""
+    return pixel_size_m / (4.0 * math.sqrt(wavelength_m * mean_distance_m))
+
+
+def highpass_phase_correlation(
+    recon: np.ndarray, truth: np.ndarray, cutoff_cycles_per_px: float
+) -> float:
+    """Pearson correlation of the high-pass filtered phases of two complex images of the
+    same field (global phase removed first)."""
+    r = remove_global_phase(np.asarray(recon), np.asarray(truth))
+    a = highpass(np.angle(r), cutoff_cycles_per_px).ravel()
+    b = highpass(np.angle(truth), cutoff_cycles_per_px).ravel()
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+def highpass_phase_ssim(recon: np.ndarray, truth: np.ndarray, cutoff_cycles_per_px: float) -> float:
+    """SSIM of the high-pass filtered phases, each normalised to zero mean and unit standard
+    deviation (the paper's scoring: offsets and scalings of the phase do not count)."""
+    from skimage.metrics import structural_similarity
+
+    r = remove_global_phase(np.asarray(recon), np.asarray(truth))
+    a = highpass(np.angle(r), cutoff_cycles_per_px)
+    b = highpass(np.angle(truth), cutoff_cycles_per_px)
+    a, b = (a - a.mean()) / a.std(), (b - b.mean()) / b.std()
+    return float(structural_similarity(a, b, data_range=float(b.max() - b.min())))
+
+
+def d_affine(recovered: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """Eq. 6 per hologram: ``|A_r A_0 r0 - r0| / |r0|`` with ``r0 = (1, 1)``, ``A_0`` the
+    applied distortion (ideal -> recorded, the inverse of the true ``affine``) and ``A_r`` the
+    recovered correction (the refined ``affine``, recorded -> ideal); linear parts only (the
+    metric ignores translations). ``[n, 2, 3]`` each -> ``[n]``."""
+    r0 = np.ones(2)
+    out = []
+    for ar, a0 in zip(np.asarray(recovered), np.asarray(truth)):
+        prod = ar[:, :2] @ np.linalg.inv(a0[:, :2])
+        out.append(np.linalg.norm(prod @ r0 - r0) / np.linalg.norm(r0))
+    return np.asarray(out)
+
+
+def affine_corner_error_px(recovered: np.ndarray, truth: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """``[n]``: the largest distance, over an image's four corners, between where the
+    recovered and the true maps send the corner (pixels; translations included)."""
+    ny, nx = shape
+    c = np.array([(ny - 1) / 2, (nx - 1) / 2])
+    corners = np.array([[0, 0], [0, nx - 1], [ny - 1, 0], [ny - 1, nx - 1]], float) - c
+
+    def sent(a):
+        a = np.asarray(a, np.float64)
+        return np.einsum("nij,kj->nki", a[:, :, :2], corners) + a[:, None, :, 2]
+
+    return np.linalg.norm(sent(recovered) - sent(truth), axis=-1).max(axis=1)

@@ -50,8 +50,10 @@ class OptimizerSpec:
     def state_names(self) -> tuple[str, ...]:
         return STATE_NAMES[self.name]
 
-    def with_step(self, step_size: float) -> OptimizerSpec:
-        return replace(self, step_size=float(step_size))
+    def with_step(self, step_size: float | np.ndarray) -> OptimizerSpec:
+        # an array step (per element, ParameterSpec.step_scale) stays an array
+        step = step_size if np.ndim(step_size) else float(step_size)
+        return replace(self, step_size=step)
 
 
 def adam_step(

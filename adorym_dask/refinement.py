@@ -71,6 +71,12 @@ def plan_refinements(
             f"refine.{unknown[0]}: model {cfg.model.kind!r} has no refinable parameter "
             f"{unknown[0]!r}; it has {sorted(specs)}"
         )
+    fixed = sorted(n for n, e in cfg.refine.items() if e is not None and not specs[n].refinable)
+    if fixed:
+        raise ConfigError(
+            f"refine.{fixed[0]}: model {cfg.model.kind!r} takes {fixed[0]!r} but cannot refine "
+            f"it; its refinable parameters are {sorted(n for n, s in specs.items() if s.refinable)}"
+        )
     out = {}
     for name, spec in specs.items():
         if name in cfg.refine:
@@ -105,6 +111,8 @@ def plan_refinements(
                 if entry is None or entry.step_size is None else entry.step_size)
         if spec.relative_step:
             step *= float(np.abs(initial[name]).max())
+        if spec.step_scale is not None:
+            step = step * np.asarray(spec.step_scale, np.float64)  # per element
         o = cfg.optimizer
         start = spec.default_start_epoch if entry is None or entry.start_epoch is None else entry.start_epoch
         momentum = (entry.momentum if entry is not None and entry.momentum is not None

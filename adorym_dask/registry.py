@@ -42,10 +42,19 @@ def _build_ptychography(cfg: RunConfig, meas: Measurements) -> ForwardModel:
     return build_ptychography(cfg, meas)
 
 
-def _builtin() -> dict[str, ModelRegistration]:
-    from adorym_dask.config import PtychographyConfig
+def _build_holography(cfg: RunConfig, meas: Measurements) -> ForwardModel:
+    from adorym_dask.models.holography import build_holography
 
-    return {"ptychography": ModelRegistration(_build_ptychography, PtychographyConfig)}
+    return build_holography(cfg, meas)
+
+
+def _builtin() -> dict[str, ModelRegistration]:
+    from adorym_dask.config import HolographyConfig, PtychographyConfig
+
+    return {
+        "ptychography": ModelRegistration(_build_ptychography, PtychographyConfig),
+        "holography": ModelRegistration(_build_holography, HolographyConfig),
+    }
 
 
 def _plugins() -> dict[str, object]:

@@ -57,6 +57,13 @@ class ParameterSpec:
         (see :func:`~adorym_dask.optimizers.parameter_step`).
     options : mapping
         Extra keys accepted under ``refine.<name>`` and their defaults (``max_shift_px``).
+    refinable : bool
+        False for a parameter the model takes but cannot refine (holography's tile corners,
+        whose alignment is ``affine``): no gradient reaches it, and ``refine`` refuses it.
+    step_scale : nested tuple or None
+        Per-element factor of the step, broadcasting against the value: entries in different
+        units take steps of comparable effect (an affine map's linear part steps
+        ``step / half-width``, its translation ``step`` px).
     """
 
     name: str
@@ -74,6 +81,8 @@ class ParameterSpec:
     default_momentum: float | None = None
     default_newton_fraction: float = 1.0
     options: Mapping[str, float] = field(default_factory=dict)
+    step_scale: tuple | None = None
+    refinable: bool = True
 
     @property
     def is_complex(self) -> bool:

@@ -17,8 +17,8 @@ _EPS = 1e-9
 def _masked_mean(values: Tensor, mask: Tensor | None) -> Tensor:
     if mask is None:
         return values.mean(dim=(-2, -1))
-    m = mask.to(values.dtype)
-    return (values * m).sum(dim=(-2, -1)) / m.sum().clamp_min(1.0)
+    m = mask.to(values.dtype)  # [dy, dx] for every tile, or [G, dy, dx] one per tile
+    return (values * m).sum(dim=(-2, -1)) / m.sum(dim=(-2, -1)).clamp_min(1.0)
 
 
 def lsq_amplitude(pred: Tensor, meas: Tensor, *, mask: Tensor | None = None) -> Tensor:
@@ -29,7 +29,7 @@ def lsq_amplitude(pred: Tensor, meas: Tensor, *, mask: Tensor | None = None) -> 
     pred, meas : Tensor
         ``[G, dy, dx]`` predicted and measured intensities (photons).
     mask : Tensor, optional
-        ``[dy, dx]`` bool, False where a pixel is ignored.
+        ``[dy, dx]`` or ``[G, dy, dx]`` bool, False where a pixel is ignored.
 
     Returns
     -------

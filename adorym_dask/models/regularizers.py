@@ -52,6 +52,8 @@ class ObjectRules:
         ``none``, ``phase_only`` or ``absorption_only``.
     non_negative : bool
         Clip delta and beta at zero.
+    passive : bool
+        The object does not amplify: ``|T| <= 1`` (real/imag) or ``beta >= 0``.
     support : bool
         The run store holds a ``support`` mask to apply.
     """
@@ -61,6 +63,7 @@ class ObjectRules:
     constraint: str = "none"
     non_negative: bool = False
     support: bool = False
+    passive: bool = False
 
     @property
     def needs_halo(self) -> bool:
@@ -68,7 +71,8 @@ class ObjectRules:
 
     @property
     def active(self) -> bool:
-        return bool(self.regularizers) or self.constraint != "none" or self.non_negative or self.support
+        return (bool(self.regularizers) or self.constraint != "none" or self.non_negative
+                or self.support or self.passive)
 
 
 def contrast(x: Tensor, representation: str) -> Tensor:
@@ -162,6 +166,7 @@ def apply_constraints(
     """Project a block ``[h, w, n_z, 2]`` onto the constraints (a new array).
 
     - ``non_negative``: delta, beta >= 0.
+    - ``passive``: |T| <= 1 (real/imag) or beta >= 0: the object absorbs, never amplifies.
     - ``phase_only``: |T| = 1 (real/imag) or beta = 0; ``absorption_only``: T real and >= 0
       (real/imag) or delta = 0.
     - ``support [h, w, n_z]`` bool: outside it the object is vacuum (T = 1, or delta = beta = 0).
@@ -169,6 +174,14 @@ def apply_constraints(
     x = np.array(x)
     if rules.non_negative:
         np.maximum(x, 0.0, out=x)
+    if rules.passive:
+        if rules.representation == "real_imag":
+            mag = np.sqrt(x[..., 0] ** 2 + x[..., 1] ** 2)
+            over = np.maximum(mag, 1.0)
+            x[..., 0] /= over
+            x[..., 1] /= over
+        else:
+            np.maximum(x[..., 1], 0.0, out=x[..., 1])
     if rules.constraint == "phase_only":
         if rules.representation == "real_imag":
             mag = np.sqrt(x[..., 0] ** 2 + x[..., 1] ** 2)

@@ -150,6 +150,16 @@ def write_parameters(
         write_array(path, "probe_mode_power", mode_power_fractions(values["probe"]), ["mode"])
 
 
+def fill_beta_from_kappa(path: str, kappa: float) -> None:
+    """Write ``beta = kappa * delta`` into channel 1 of the run store's ``object`` (a model
+    with the homogeneous-object constraint refines delta only), one chunk row at a time."""
+    arr = location.open_array(path, OBJECT)
+    step = arr.chunks[0]
+    for y0 in range(0, arr.shape[0], step):
+        delta = np.asarray(arr[y0 : y0 + step, :, :, 0])
+        arr[y0 : y0 + step, :, :, 1] = (kappa * delta).astype(arr.dtype)
+
+
 def write_history(path: str, loss: list[float], epoch_seconds: list[float]) -> None:
     """Store the loss and the wall seconds of every finished epoch, ``(epoch,)`` each."""
     write_array(path, "loss", np.asarray(loss, np.float64), ["epoch"])

@@ -67,18 +67,34 @@ def write_support(path: str, box: tuple[int, int, int, int], mask: np.ndarray) -
     location.open_array(path, SUPPORT)[_box_index(box)] = mask
 
 
-def initial_support(npy: str | None, box: tuple[int, int, int, int], n_z: int) -> np.ndarray:
-    """``[h, w, n_z]`` bool: the file's mask over ``box`` (all True without a file)."""
+def initial_support(
+    npy: str | None, box: tuple[int, int, int, int], n_z: int, *, inside: list | None = None
+) -> np.ndarray:
+    """``[h, w, n_z]`` bool: the file's mask over ``box`` (all True without a file), and
+    with ``inside`` (a list of ``(y0, x0, h, w)`` boxes) only within their union."""
     h, w = box[2], box[3]
     if npy is None:
-        return np.ones((h, w, n_z), bool)
-    part = np.asarray(np.load(npy, mmap_mode="r")[_box_index(box)]).astype(bool)
-    return np.broadcast_to(part[..., None] if part.ndim == 2 else part, (h, w, n_z)).copy()
+        out = np.ones((h, w, n_z), bool)
+    else:
+        part = np.asarray(np.load(npy, mmap_mode="r")[_box_index(box)]).astype(bool)
+        out = np.broadcast_to(part[..., None] if part.ndim == 2 else part, (h, w, n_z)).copy()
+    if inside is not None:
+        field = np.zeros((h, w), bool)
+        for y0, x0, bh, bw in inside:
+            ya, xa = max(y0 - box[0], 0), max(x0 - box[1], 0)
+            yb, xb = min(y0 + bh - box[0], h), min(x0 + bw - box[1], w)
+            if ya < yb and xa < xb:
+                field[ya:yb, xa:xb] = True
+        out &= field[..., None]
+    return out
 
 
-def init_support_block(path: str, npy: str | None, box: tuple[int, int, int, int], n_z: int) -> None:
+def init_support_block(
+    path: str, npy: str | None, box: tuple[int, int, int, int], n_z: int, *,
+    inside: list | None = None,
+) -> None:
     """Task: copy the starting support of one block into the run store."""
-    write_support(path, box, initial_support(npy, box, n_z))
+    write_support(path, box, initial_support(npy, box, n_z, inside=inside))
 
 
 def blurred_contrast(ext: np.ndarray, representation: str, sigma_px: float) -> np.ndarray:
