@@ -110,8 +110,28 @@ def load_probe_file(path: Path, det_shape: tuple[int, int]) -> np.ndarray:
     return probe.astype(np.complex64)
 
 
-def initial_probe(cfg: ProbeConfig, meas: Measurements, *, n_modes: int, seed: int) -> np.ndarray:
-    """The probe guess ``[n_modes, det_y, det_x]`` complex64 requested by ``cfg``."""
+def probe_from_near_field(
+    mean_intensity: np.ndarray, *, distance_m: float, pixel_size_m: float, wavelength_m: float
+) -> np.ndarray:
+    """Near field: the mean measured amplitude, Fresnel-propagated back to the sample
+    (``-distance_m``), ``[det_y, det_x]`` complex64 of the same total power. In the near
+    field a pattern is the probe's own (defocused) image, not its Fourier transform."""
+    import torch
+
+    from adorym_dask.physics.propagation import fresnel_propagate
+
+    amp = torch.from_numpy(np.sqrt(np.clip(mean_intensity, 0, None)).astype(np.complex128))
+    back = fresnel_propagate(amp, pixel_size_m=pixel_size_m, wavelength_m=wavelength_m,
+                             distance_m=-distance_m)
+    return back.numpy().astype(np.complex64)
+
+
+def initial_probe(
+    cfg: ProbeConfig, meas: Measurements, *, n_modes: int, seed: int,
+    near_field_m: float | None = None,
+) -> np.ndarray:
+    """The probe guess ``[n_modes, det_y, det_x]`` complex64 requested by ``cfg``
+    (``near_field_m``: the model propagates that far in the near field)."""
     if cfg.init is ProbeInit.file:
         probe = load_probe_file(cfg.path, meas.det_shape)
         if probe.shape[0] > n_modes:
@@ -121,7 +141,11 @@ def initial_probe(cfg: ProbeConfig, meas: Measurements, *, n_modes: int, seed: i
             )
         return seed_modes(probe, n_modes, noise=cfg.mode_noise, seed=seed)
     mean_i = mean_pattern(meas)
-    if cfg.init is ProbeInit.from_data:
+    if cfg.init is ProbeInit.from_data and near_field_m is not None:
+        first = probe_from_near_field(mean_i, distance_m=near_field_m,
+                                      pixel_size_m=meas.pixel_size_m,
+                                      wavelength_m=meas.wavelength_m)
+    elif cfg.init is ProbeInit.from_data:
         first = probe_from_mean_amplitude(mean_i)
     else:
         first = defocused_aperture_probe(

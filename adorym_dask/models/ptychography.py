@@ -19,6 +19,7 @@ from adorym_dask.models.losses import LOSSES, abs_square, farfield_loss
 from adorym_dask.physics.multislice import multislice, transmission_from_delta_beta
 from adorym_dask.physics.propagation import fraunhofer, fresnel_transfer_function
 from adorym_dask.physics.shifts import fourier_shift
+from adorym_dask.storage.measurements import MeasurementError
 
 # Curvature of the loss in the far-field amplitude at a perfect fit: 2 for least squares on
 # amplitudes, 4 for Poisson; what the gd/momentum object step is scaled by.
@@ -101,6 +102,9 @@ class FarFieldPtychography:
         ``"lsq"`` or ``"poisson"``.
     mask : ndarray or None
         ``[det_y, det_x]`` bool, False where detector pixels are ignored.
+    near_field_distance_m : float or None
+        Near-field ptychography: each exit wave is Fresnel-propagated by this effective
+        (plane-wave) distance over the tile's window instead of to the far field.
     """
 
     det_shape: tuple[int, int]
@@ -113,6 +117,7 @@ class FarFieldPtychography:
     slice_thickness_m: float = 1e-8
     loss_kind: str = "lsq"
     mask: np.ndarray | None = None
+    near_field_distance_m: float | None = None
 
     #: the object's optimizer when ``optimizer.name`` is not given
     default_optimizer = "pie"
@@ -155,7 +160,8 @@ class FarFieldPtychography:
         from adorym_dask.parameters import initial_probe
 
         values = {
-            "probe": initial_probe(cfg.probe, meas, n_modes=self.n_modes, seed=cfg.seed),
+            "probe": initial_probe(cfg.probe, meas, n_modes=self.n_modes, seed=cfg.seed,
+                                   near_field_m=self.near_field_distance_m),
             "positions": np.asarray(meas.positions_px, np.float64),
         }
         if self.n_slices > 1:
@@ -194,10 +200,20 @@ class FarFieldPtychography:
         probe = params["probe"].to(slices.dtype)
         return exit_waves(probe, patches, frac, transfer_function=tf)
 
+    def propagate(self, exit_waves: Tensor) -> Tensor:
+        """Exit waves ``[..., py, px]`` to the detector: Fraunhofer, or Fresnel over
+        ``near_field_distance_m`` (both unitary)."""
+        if self.near_field_distance_m is None:
+            return fraunhofer(exit_waves)
+        h = fresnel_transfer_function(
+            self.det_shape, pixel_size_m=self.pixel_size_m, wavelength_m=self.wavelength_m,
+            distance_m=self.near_field_distance_m, dtype=exit_waves.dtype,
+        )
+        return torch.fft.ifft2(torch.fft.fft2(exit_waves) * h)
+
     def predict(self, obj_box: Tensor, params: dict[str, Tensor], batch: Batch) -> Tensor:
         """Predicted intensities ``[G, det_y, det_x]``; see :class:`ForwardModel`."""
-        far = fraunhofer(self._exit_waves(obj_box, params, batch))
-        return abs_square(far).sum(dim=1)
+        return abs_square(self.propagate(self._exit_waves(obj_box, params, batch))).sum(dim=1)
 
     def tile_losses(
         self, obj_box: Tensor, params: dict[str, Tensor], batch: Batch, meas: Tensor
@@ -208,7 +224,8 @@ class FarFieldPtychography:
         :meth:`predict` or :meth:`loss` (a plug-in adding a background, say) gets exactly
         ``loss(predict(...), meas)``: the fused step would skip its physics."""
         cls, base = type(self), FarFieldPtychography
-        if cls.predict is not base.predict or cls.loss is not base.loss:
+        if (cls.predict is not base.predict or cls.loss is not base.loss
+                or self.near_field_distance_m is not None):
             return self.loss(self.predict(obj_box, params, batch), meas)
         mask = None if self.mask is None else torch.as_tensor(self.mask)
         return farfield_loss(self._exit_waves(obj_box, params, batch), meas,
@@ -315,7 +332,17 @@ def build_ptychography(cfg, meas) -> FarFieldPtychography:
     thickness = cfg.object.slice_thickness_m or (
         float(np.mean(spacings)) if spacings else meas.pixel_size_m
     )
+    near = None
+    if m.propagation.value == "near_field":
+        if meas.distances_m is None:
+            raise MeasurementError(
+                f"distances_m: near-field ptychography needs the sample-to-detector distance; "
+                f"{meas.source.path} has none: set data.detector_distance_m (and "
+                "data.source_distance_m for a cone beam)"
+            )
+        near = float(np.mean(meas.distances_m))
     return FarFieldPtychography(
+        near_field_distance_m=near,
         det_shape=tuple(meas.det_shape),
         representation=cfg.object.representation.value,
         wavelength_m=meas.wavelength_m,
