@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
@@ -55,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="override a config value, e.g. --set optimizer.step_size=0.02 (repeatable)",
     )
     rec.add_argument("--png", help="also write a summary picture here")
+    rec.add_argument("-q", "--quiet", action="store_true",
+                     help="no log lines (the loss and refined parameters of each epoch)")
     rec.add_argument(
         "--resume", action="store_true",
         help="continue the run stored at the config's output from its last commit",
@@ -75,8 +78,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _log_to_stderr(quiet: bool) -> None:
+    """The package's log (data conversions, refined parameters each epoch) on stderr."""
+    logger = logging.getLogger("adorym_dask")
+    if quiet or any(getattr(h, "_adorym_cli", False) for h in logger.handlers):
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    handler._adorym_cli = True  # type: ignore[attr-defined]
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _log_to_stderr(getattr(args, "quiet", False))
     try:
         return args.func(args)
     except USER_ERRORS as err:

@@ -534,11 +534,18 @@ def add_simulate_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace existing output files")
+    from adorym_dask.simulate_holography import add_holography_arguments
+
+    add_holography_arguments(sub)
     return parser
 
 
 def run_simulate(args: argparse.Namespace) -> int:
     """Run a parsed ``simulate`` command; returns the exit status."""
+    if getattr(args, "simulate_kind", None) == "holography":
+        from adorym_dask.simulate_holography import run_holography
+
+        return run_holography(args)
     if getattr(args, "simulate_kind", None) != "ptychography":
         raise SystemExit(f"unknown simulation kind {args.simulate_kind!r}")
     try:
