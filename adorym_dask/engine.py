@@ -295,10 +295,21 @@ class Reconstruction:
             "data_path": str(self.meas.source.path),
             "run_token": self.token,
             "refined": sorted(self.refinements),
+            # a full-field model's measured field (the object beyond it is its margin)
+            **({"field_box_px": self._field_box()} if self.reach else {}),
         })
         if self.rules is not None and self.rules.support:
             create_support(self.path, self.obj_shape, self.store.geometry.chunks)
         self._write_parameters()
+
+    def _field_box(self) -> list[int]:
+        """``[y0, x0, h, w]``: the box of every tile without the model's reach."""
+        pos = np.floor(self.initial["positions"].reshape(-1, 2)).astype(int)
+        lo, hi = pos.min(axis=0), pos.max(axis=0) + np.asarray(self.meas.det_shape)
+        if hasattr(self.model, "interior_boxes"):
+            boxes = np.asarray(self.model.interior_boxes(self.initial["positions"]))
+            hi = (boxes[:, :2] + boxes[:, 2:]).max(axis=0)
+        return [int(lo[0]), int(lo[1]), int(hi[0] - lo[0]), int(hi[1] - lo[1])]
 
     # -- parameters -------------------------------------------------------------------------------
     def values(self) -> dict[str, np.ndarray]:

@@ -34,8 +34,11 @@ def save_summary_png(
     representation: str,
     probe: np.ndarray | None,
     loss: list[float],
+    field_box: tuple[int, int, int, int] | None = None,
 ) -> Path:
-    """Write one phase panel per slice, the probe's first mode and the loss curve to ``path``.
+    """Write one phase panel per slice, the probe's first mode and the loss curve to ``path``;
+    with ``field_box`` (``(y0, x0, h, w)``, a full-field model's measured field) the object
+    panels show that field only, and the first slice's magnitude (or beta) beside its phase.
 
     Parameters
     ----------
@@ -47,18 +50,30 @@ def save_summary_png(
         Loss per epoch.
     """
     plt = _pyplot()
+    extra = 0
+    if field_box is not None:
+        y0, x0, h, w = (int(v) for v in field_box)
+        obj = obj[y0 : y0 + h, x0 : x0 + w]
+        extra = 1
     n_z = obj.shape[2]
-    panels = n_z + (probe is not None) + 1
+    panels = n_z + extra + (probe is not None) + 1
     fig, ax = plt.subplots(1, panels, figsize=(4.3 * panels, 4))
+    if extra:
+        s0 = obj[:, :, 0]
+        mag = np.hypot(s0[..., 0], s0[..., 1]) if representation == "real_imag" else s0[..., 1]
+        im = ax[n_z].imshow(mag, cmap="gray")
+        ax[n_z].set_title("object |T|" if representation == "real_imag" else "object beta")
+        fig.colorbar(im, ax=ax[n_z])
     for z in range(n_z):
         im = ax[z].imshow(object_phase(obj, representation, slice_index=z), cmap="gray")
         label = "phase (rad)" if representation == "real_imag" else "-delta"
         ax[z].set_title(f"object {label}" + (f", slice {z}" if n_z > 1 else ""))
         fig.colorbar(im, ax=ax[z])
     if probe is not None:
-        im = ax[n_z].imshow(np.abs(probe[0]), cmap="viridis")
-        ax[n_z].set_title(f"probe |mode 0| of {probe.shape[0]}")
-        fig.colorbar(im, ax=ax[n_z])
+        k = n_z + extra
+        im = ax[k].imshow(np.abs(probe[0]), cmap="viridis")
+        ax[k].set_title(f"probe |mode 0| of {probe.shape[0]}")
+        fig.colorbar(im, ax=ax[k])
     ax[-1].semilogy(np.arange(1, len(loss) + 1), loss, "o-")
     ax[-1].set_xlabel("epoch")
     ax[-1].set_title("loss")
@@ -124,6 +139,7 @@ def save_run_pngs(path: str | Path, result) -> list[Path]:
     out = [save_summary_png(
         path, obj=result.object(), representation=ds.attrs["representation"],
         probe=result.params.get("probe"), loss=result.loss,
+        field_box=ds.attrs.get("field_box_px"),
     )]
     if "positions_px_initial" in ds:
         png = Path(path).with_name(f"{Path(path).stem}_positions.png")
