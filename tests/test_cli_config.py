@@ -108,7 +108,7 @@ def test_cli_subprocess_on_local_cluster(tmp_path, scan):
     [
         ({"epoch": 3}, "epoch"),  # typo of epochs
         ({"optimizer": {"name": "lbfgs"}}, "optimizer.name"),
-        ({"model": {"kind": "holography"}}, "model.kind"),
+        ({"model": {"kind": "laminography"}}, "model.kind"),
         ({"model": {"slices": 2}}, "slice_spacings_m"),
         ({"model": {"slices": 2, "slice_spacing_m": 1e-6}}, "slice_spacings_m"),
         ({"probe": {"refine": False}}, r"refine: {probe: null}"),
