@@ -70,6 +70,7 @@ def save_summary_png(
         ax[z].set_title(f"object {label}" + (f", slice {z}" if n_z > 1 else ""))
         fig.colorbar(im, ax=ax[z])
     if probe is not None:
+        probe = probe if probe.ndim == 3 else probe[None]  # an illumination [py, px]
         k = n_z + extra
         im = ax[k].imshow(np.abs(probe[0]), cmap="viridis")
         ax[k].set_title(f"probe |mode 0| of {probe.shape[0]}")

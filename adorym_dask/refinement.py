@@ -196,7 +196,7 @@ def constrain_positions(value: np.ndarray, bounds: PositionBounds) -> np.ndarray
 
 def orthogonalize_probe(ps: ParameterState) -> ParameterState:
     """Orthogonal, power-ordered probe modes, with the optimizer moments transformed alike."""
-    if ps.value.shape[0] < 2:
+    if ps.value.ndim != 3 or ps.value.shape[0] < 2:  # [modes, py, px] only
         return ps
     value, mix = orthogonalize_modes(ps.value)
     weights = np.abs(mix) ** 2

@@ -333,3 +333,40 @@ def test_simulate_holography_cli_writes_the_layout(tmp_path, capsys):
         transmitted = np.mean(np.abs(f["ground_truth/object"][...]) ** 2)
         assert abs(f["intensities"][...].mean() / (50 * transmitted) - 1) < 0.1
     assert "wrote" in capsys.readouterr().out
+
+
+def test_an_illumination_file_lights_the_holograms(tmp_path):
+    """``probe: {init: file}``: a uniform illumination of 1 predicts the plane wave's
+    holograms; one twice as bright (amplitude sqrt 2), twice the counts. The illumination is
+    extended into the margin and is a (non-refined) parameter of its own."""
+    _study_data(tmp_path, size=32, affine_px=0.0)
+    ones = tmp_path / "ones.npy"
+    np.save(ones, np.ones((32, 32), np.complex64))
+    base = {"data": {"path": str(tmp_path / "study.h5")}, "model": {"kind": "holography"}}
+    cfg_plane = config_from_dict(base)
+    meas = load_measurements(cfg_plane)
+    plane = build_holography(cfg_plane, meas)
+    lit = build_holography(config_from_dict({**base, "probe": {"init": "file", "path": str(ones)}}),
+                           meas)
+    probe = lit.initial_parameters(None, meas)["probe"]
+    assert probe.shape == (32 + 2 * lit.reach_px,) * 2
+    rng = np.random.default_rng(0)
+    obj = _embed(np.exp(1j * rng.uniform(-0.3, 0.3, (32, 32))), lit.reach_px)[:, :, :, :]
+    idx = np.arange(4)
+    pos = torch.full((4, 2), float(lit.reach_px), dtype=torch.float64)
+    common = {"positions": pos, "distances": torch.tensor(plane.distances_m),
+              "affine": torch.tensor(identity_affine(4))}
+    box = torch.from_numpy(obj)
+    with torch.no_grad():
+        ref = plane.predict(box, common, Batch((0, 0), 0, idx))
+        same = lit.predict(box, {**common, "probe": torch.from_numpy(probe)}, Batch((0, 0), 0, idx))
+        double = lit.predict(box, {**common, "probe": torch.from_numpy(probe * np.sqrt(2))},
+                             Batch((0, 0), 0, idx))
+    torch.testing.assert_close(same, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(double, 2 * ref, rtol=1e-5, atol=1e-6)
+    np.save(ones, np.ones((31, 32), np.complex64))
+    from adorym_dask.parameters import ProbeError
+
+    with pytest.raises(ProbeError, match="probe.path"):
+        build_holography(config_from_dict({**base, "probe": {"init": "file", "path": str(ones)}}),
+                         meas)

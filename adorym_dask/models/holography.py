@@ -1,7 +1,7 @@
 """Multi-distance in-line holography (paper Sec. 3.2, 3.3).
 
 The object (one slice or multislice) is lit by a plane wave of ``incident_photons`` counts per
-pixel and Fresnel-propagated to each hologram's effective distance:
+pixel (or that times an illumination from ``probe: {init: file}``) and Fresnel-propagated to each hologram's effective distance:
 ``I_ideal = |IFFT(FFT(T) exp(-i pi lambda z |f|^2))|^2``; the recorded hologram at pixel ``r``
 is ``I_ideal(A_lin (r - c) + c + t)`` (``affine``, hologram 0 the reference). Refinable:
 ``distances`` (per hologram), ``affine`` (per hologram), and with ``model.kappa`` the
@@ -105,6 +105,11 @@ class MultiDistanceHolography:
         Hold the object outside the holograms' field at vacuum.
     max_shift_px : float
         Largest alignment shift allowed at the hologram's corners.
+    illumination_path : str or None
+        ``.npy`` complex ``[H, W]`` illumination at the sample (``probe: {init: file}``),
+        relative to the plane wave of ``incident_photons``; it becomes the parameter
+        ``probe`` ``[H + 2 reach, W + 2 reach]``, extended into the margin by its edge values.
+        None: a plane wave.
     """
 
     tiling: Tiling
@@ -122,6 +127,7 @@ class MultiDistanceHolography:
     kappa: float | None = None
     vacuum_margin: bool = True
     max_shift_px: float = DEFAULT_MAX_SHIFT_PX
+    illumination_path: str | None = None
 
     # Adam: with pie (a diagonal Gauss-Newton step, provided below and selectable) the object
     # fits wrong distances within a few epochs, and they then stay 2 cm off (128 px study,
@@ -158,6 +164,14 @@ class MultiDistanceHolography:
                 step_scale=((1 / half, 1 / half, 1.0), (1 / half, 1 / half, 1.0)),
             ),
         }
+        if self.illumination_path is not None:
+            # refined only on request: with every hologram of one field, the illumination
+            # and the object meet only as their product
+            specs["probe"] = ParameterSpec(
+                "probe", "probe", ("py", "px"), "global", "complex64", unit="sqrt(photons)",
+                default_step=0.01, relative_step=True, default_optimizer="adam",
+                default_start_epoch=5,
+            )
         if self.kappa is not None:
             specs["kappa"] = ParameterSpec(
                 "kappa", "kappa", (), "global", "float64", unit="1", default_step=0.1,
@@ -173,7 +187,30 @@ class MultiDistanceHolography:
         }
         if self.kappa is not None:
             values["kappa"] = np.asarray(float(self.kappa))
+        if self.illumination_path is not None:
+            values["probe"] = self.load_illumination()
         return values
+
+    def load_illumination(self) -> np.ndarray:
+        """The illumination file ``[H, W]`` complex, extended by ``reach_px`` on every side
+        (edge values), complex64 ``[H + 2 reach, W + 2 reach]``."""
+        from adorym_dask.parameters import ProbeError
+
+        path = self.illumination_path
+        try:
+            ill = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as err:
+            raise ProbeError(f"probe.path: cannot read {path} as a .npy array ({err})") from None
+        ill = np.squeeze(ill)
+        if ill.shape != self.tiling.holo:
+            raise ProbeError(
+                f"probe.path: the illumination {path} has shape {ill.shape}, but holography "
+                f"needs one value per hologram pixel, {self.tiling.holo}"
+            )
+        if not np.all(np.isfinite(ill)):
+            raise ProbeError(f"probe.path: {path} contains NaN or inf values")
+        r = self.reach_px
+        return np.pad(ill.astype(np.complex64), r, mode="edge")
 
     def engine_measurements(self, meas: Measurements) -> Measurements:
         """The measurements as the engine's tiles: each hologram cut by :attr:`tiling`, at
@@ -243,8 +280,14 @@ class MultiDistanceHolography:
             )
             tf = list(gaps.unbind(0))
         amp = math.sqrt(self.incident_photons)
-        wave = multislice(torch.full((len(corners), *win), amp, dtype=slices.dtype),
-                          patches, transfer_function=tf)
+        if "probe" in params:  # the illumination over each window: probe pixel 0 = -reach
+            sub = self.tiling.corners(batch.tiles)
+            iy = torch.as_tensor(sub[:, 0])[:, None] + torch.arange(win[0])
+            ix = torch.as_tensor(sub[:, 1])[:, None] + torch.arange(win[1])
+            incident = amp * params["probe"].to(slices.dtype)[iy[:, :, None], ix[:, None, :]]
+        else:
+            incident = torch.full((len(corners), *win), amp, dtype=slices.dtype)
+        wave = multislice(incident, patches, transfer_function=tf)
         holo = torch.as_tensor(self.tiling.hologram(batch.tiles))
         h = fresnel_transfer_function(
             win, pixel_size_m=self.pixel_size_m, wavelength_m=self.wavelength_m,
@@ -410,4 +453,10 @@ def build_holography(cfg, meas: Measurements) -> MultiDistanceHolography:
     log.info("holography: %d hologram(s) of %s px in tiles of %s, halo and margin %d px "
              "(Fresnel spread %.1f px at z_max %.4g m)", meas.n_tiles, meas.det_shape,
              model.tiling.tile, reach, spread, z_max)
+    if cfg.probe.init.value == "file":
+        model = replace(model, illumination_path=str(cfg.probe.path))
+        model.load_illumination()  # a clear error before the run starts
+    elif cfg.probe.init.value == "aperture":
+        raise ConfigError("probe.init: aperture is for ptychography; holography is lit by a "
+                          "plane wave, or by probe: {init: file, path: illumination.npy}")
     return model

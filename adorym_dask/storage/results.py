@@ -146,7 +146,7 @@ def write_parameters(
         write_array(path, spec.output, file_frame(name, values[name]), spec.dims)
         if name in refined:
             write_array(path, f"{spec.output}_initial", file_frame(name, initial[name]), spec.dims)
-    if "probe" in values:
+    if "probe" in values and np.ndim(values["probe"]) == 3:  # modes (not an illumination)
         write_array(path, "probe_mode_power", mode_power_fractions(values["probe"]), ["mode"])
 
 
