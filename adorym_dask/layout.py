@@ -125,7 +125,7 @@ def object_optimizer(cfg: RunConfig, model) -> OptimizerSpec:
     if o.step_size is not None:
         step = o.step_size
     elif name != "adam":
-        step = DEFAULT_CURVATURE_STEP[name]
+        step = getattr(model, "default_object_steps", {}).get(name, DEFAULT_CURVATURE_STEP[name])
     elif cfg.object.representation.value == "real_imag":
         step = DEFAULT_PHASE_STEP_RAD
     else:

@@ -370,3 +370,29 @@ def test_an_illumination_file_lights_the_holograms(tmp_path):
     with pytest.raises(ProbeError, match="probe.path"):
         build_holography(config_from_dict({**base, "probe": {"init": "file", "path": str(ones)}}),
                          meas)
+
+
+def test_pie_is_preconditioned_in_frequency_and_converges_faster_than_adam(tmp_path):
+    """``optimizer.name: pie`` divides each frequency of the object gradient by the weak-object
+    curvature (mean over holograms of sin^2 chi for the phase, cos^2 chi for the absorption):
+    from the same start, with the distances held, it fits the holograms at least 5x better
+    than Adam in 30 epochs (measured at 64 px: 20x in 40 epochs)."""
+    _study_data(tmp_path, size=48, affine_px=0.0)
+    losses = {}
+    for name in ("pie", "adam"):
+        cfg = config_from_dict({
+            "data": {"path": str(tmp_path / "study.h5")}, "model": {"kind": "holography"},
+            "optimizer": {"name": name}, "epochs": 30, "output": str(tmp_path / f"{name}.zarr"),
+            "cluster": {"scheduler": "sync"}, "progress": False,
+        })
+        losses[name] = run(cfg).loss
+    assert losses["pie"][-1] < 0.2 * losses["adam"][-1], losses
+    m = build_holography(cfg, load_measurements(cfg))
+    g = np.zeros((40, 40, 1, 2))
+    g[20, 20, 0, 1] = 1.0  # a phase impulse: flat spectrum in, 1 / (sin^2 + floor) out
+    params = {"distances": torch.tensor(m.distances_m)}
+    out = np.fft.fft2(m.precondition_object_gradient(g, params)[..., 0, 1])
+    fy = np.fft.fftfreq(40, d=PIXEL)
+    chi = np.pi * WAVELENGTH * np.asarray(m.distances_m)[:, None] * fy[None, 3] ** 2
+    want = 1 / ((np.sin(chi) ** 2).mean() + 0.05)
+    assert abs(abs(out[3, 0]) - want) < 1e-6 * want

@@ -169,6 +169,9 @@ def tile_group_gradient(
             estimates = model.curvature(box, params, batch, names=wanted)
         curvatures = {n: (c * scale).numpy() for n, c in estimates.items() if n in wanted}
     object_grad = box.grad.numpy()
+    if object_curvature and hasattr(model, "precondition_object_gradient"):
+        # a preconditioner that is not diagonal in pixels (holography's, in frequency)
+        object_grad = model.precondition_object_gradient(object_grad, params)
     if object_curvature:
         with torch.no_grad():
             curv = (model.object_curvature_map(box.detach(), params, batch) * scale).numpy()

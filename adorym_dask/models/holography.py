@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 _LOSS_CURVATURE = {"lsq": 2.0, "poisson": 4.0}
 DEFAULT_MAX_SHIFT_PX = 8.0
 UPSAMPLE = 2  # the aligned wave is sampled on a grid this much finer (see predict)
+PRECONDITION_FLOOR = 0.05  # of the transfer functions' weight (at most 1), see precondition
 
 
 @dataclass(frozen=True)
@@ -129,11 +130,16 @@ class MultiDistanceHolography:
     max_shift_px: float = DEFAULT_MAX_SHIFT_PX
     illumination_path: str | None = None
 
-    # Adam: with pie (a diagonal Gauss-Newton step, provided below and selectable) the object
-    # fits wrong distances within a few epochs, and they then stay 2 cm off (128 px study,
-    # 150 epochs: -1.98 cm; Adam -0.46 cm): a common distance error and a slightly
-    # defocused object explain the holograms almost equally well (see the README)
+    # Adam: with pie (a Gauss-Newton step preconditioned in frequency, selectable) the object
+    # fits wrong distances within a few epochs, and they then creep back slowly (128 px
+    # study, 150 epochs: -1.5 cm; Adam -0.46 cm), although its phase is better (high-pass
+    # SSIM 0.83 against 0.73): a common distance error and a slightly defocused object
+    # explain the holograms almost equally well (see the README)
     default_optimizer = "adam"
+    # pie here is a Gauss-Newton step preconditioned in frequency (precondition_object_
+    # gradient); 1.0 stalled at a loss of 0.15 on the 64 px study, 0.3 reached 2.7e-5 in 40
+    # epochs (Adam: 5e-4), 0.1 1.4e-4
+    default_object_steps = {"pie": 0.3}
 
     @property
     def n_holograms(self) -> int:
@@ -381,6 +387,36 @@ class MultiDistanceHolography:
             c *= (2 * math.pi / self.wavelength_m * self.slice_thickness_m) ** 2
         return c
 
+    def precondition_object_gradient(self, grad: np.ndarray, params: dict[str, Tensor]) -> np.ndarray:
+        """The ``pie`` optimizer's preconditioner: the gradient ``[h, w, S, 2]`` of a box
+        divided, frequency by frequency, by the weak-object curvature's spectral shape.
+
+        For ``T = 1 + t`` a hologram at distance ``z`` passes ``Re t`` (absorption) through
+        ``cos(chi)`` and ``Im t`` (phase) through ``sin(chi)``, ``chi = pi lambda z |f|^2``
+        (the contrast transfer functions), so the Gauss-Newton curvature at frequency ``f`` is
+        ``mean_j cos^2 chi_j`` for the first and ``mean_j sin^2 chi_j`` for the second (phase:
+        delta; absorption: beta), up to the per-pixel scale that :meth:`object_curvature_map`
+        gives. Dividing by it (plus ``PRECONDITION_FLOOR``) makes the step a damped
+        Gauss-Newton one in every frequency: plain gradient steps move the phase's low
+        frequencies (``sin chi ~ chi``, tiny) hardly at all.
+        """
+        h, w = grad.shape[:2]
+        z = params["distances"].detach().numpy().astype(np.float64)
+        fy = np.fft.fftfreq(h, d=self.pixel_size_m)
+        fx = np.fft.fftfreq(w, d=self.pixel_size_m)
+        chi = np.pi * self.wavelength_m * z[:, None, None] * (fy[None, :, None] ** 2
+                                                              + fx[None, None, :] ** 2)
+        w_phase = (np.sin(chi) ** 2).mean(axis=0)
+        w_abs = (np.cos(chi) ** 2).mean(axis=0)
+        # channel of the phase: imag (real_imag) or delta (delta_beta); the other: absorption
+        weights = (w_abs, w_phase) if self.representation == "real_imag" else (w_phase, w_abs)
+        out = np.empty_like(grad)
+        for c, wt in enumerate(weights):
+            spec = np.fft.fft2(grad[..., c].astype(np.float64), axes=(0, 1))
+            spec /= (wt + PRECONDITION_FLOOR)[:, :, None]
+            out[..., c] = np.fft.ifft2(spec, axes=(0, 1)).real
+        return out
+
     def object_curvature_map(self, obj_box: Tensor, params: dict[str, Tensor],
                              batch: Batch) -> Tensor:
         """``[h, w]`` Gauss-Newton curvature of the group's summed losses in each object value:
@@ -390,9 +426,9 @@ class MultiDistanceHolography:
         pos = params["positions"].detach() - torch.as_tensor(batch.origin, dtype=torch.float64)
         corners = torch.floor(pos).long().numpy()
         out = torch.zeros(obj_box.shape[:2], dtype=obj_box.dtype)
-        ty, tx = self.tiling.tile
-        for y, x in corners:
-            out[y : y + ty, x : x + tx] += 1.0
+        wy, wx = self._window()  # every pixel of a tile's window reaches its hologram
+        for y, x in corners - self.reach_px:
+            out[max(y, 0) : y + wy, max(x, 0) : x + wx] += 1.0
         return self._curvature_scale() * out
 
     def object_curvature(self, params: dict[str, np.ndarray], n_tiles: int) -> float:
