@@ -396,3 +396,66 @@ def test_pie_is_preconditioned_in_frequency_and_converges_faster_than_adam(tmp_p
     chi = np.pi * WAVELENGTH * np.asarray(m.distances_m)[:, None] * fy[None, 3] ** 2
     want = 1 / ((np.sin(chi) ** 2).mean() + 0.05)
     assert abs(abs(out[3, 0]) - want) < 1e-6 * want
+
+
+# -- near-field ptychography on the real PETRA III data (cdtools' example) --------------------
+def _near_field_run(shared_data, tmp_path, name, *, epochs, subset="all", modes=3):
+    cxi = shared_data / "cdtools" / "PETRAIII_P25_Near_Field_Ptycho.cxi"
+    cfg = config_from_dict({
+        "data": {"path": str(cxi), "source_distance_m": 3.65e-3, "subset": subset},
+        "model": {"kind": "ptychography", "propagation": "near_field", "probe_modes": modes},
+        "refine": {"positions": {}}, "epochs": epochs, "output": str(tmp_path / f"{name}.zarr"),
+        "cluster": {"scheduler": "sync"}, "progress": False,
+    })
+    result = run(cfg)
+    g = zarr.open_group(str(tmp_path / f"{name}.zarr"), mode="r")
+    obj = np.asarray(g["object"])[:, :, 0]
+    return result, obj[..., 0] + 1j * obj[..., 1], np.asarray(g["positions_px_initial"])[0], \
+        np.asarray(g.attrs["position_offset_px"]).astype(int)
+
+
+def test_near_field_ptychography_reconstructs_the_real_star(shared_data, tmp_path):
+    """A few epochs on the whole scan: the loss falls and the phase has structure (the star's
+    spokes; a flat start has none)."""
+    result, obj, _, _ = _near_field_run(shared_data, tmp_path, "nf", epochs=4, modes=1)
+    assert result.loss[-1] < 0.85 * result.loss[0], result.loss
+    assert np.angle(obj).std() > 0.05
+
+
+def _on_canvas(obj, pos, offset, frame=(260, 260), det=100):
+    """The object and each pixel's number of tiles in a common frame (the file's positions)."""
+    canvas, count = np.ones(frame, complex), np.zeros(frame)
+    y0, x0 = 20 - offset
+    canvas[y0 : y0 + obj.shape[0], x0 : x0 + obj.shape[1]] = obj
+    for y, x in np.floor(pos).astype(int) + 20:
+        count[y : y + det, x : x + det] += 1
+    return canvas, count
+
+
+@pytest.mark.slow
+def test_near_field_halves_agree(shared_data, tmp_path):
+    """Two reconstructions from disjoint halves of the scan (alternate positions, 30 epochs,
+    3 modes, positions refined) agree where both light the sample well (each half's tiles
+    overlap there at least half as often as at its most lit pixel): phase correlation >= 0.8
+    after alignment, and each has real structure (phase deviation at least half the whole
+    scan's). Measured: 0.84; 0.20 and 0.20 against 0.22. Writes the three phases as a PNG."""
+    runs = {s: _near_field_run(shared_data, tmp_path, s, epochs=30, subset=s)
+            for s in ("even", "odd", "all")}
+    (ca, na), (cb, nb), (cf, _) = (_on_canvas(*r[1:]) for r in runs.values())
+    both = (na >= 0.5 * na.max()) & (nb >= 0.5 * nb.max())
+    ys, xs = np.nonzero(both)
+    box = (slice(ys.min(), ys.max() + 1), slice(xs.min(), xs.max() + 1))
+    corr = metrics.aligned_phase_correlation(ca[box], cb[box], mask=both[box])
+    spread = {k: np.angle(metrics.remove_global_phase(c[box], cf[box], mask=both[box]))[both[box]].std()
+              for k, c in (("even", ca), ("odd", cb), ("all", cf))}
+    from adorym_dask.plotting import _pyplot
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(1, 3, figsize=(12, 4))
+    for a, (k, c) in zip(ax, (("even", ca), ("odd", cb), ("all", cf))):
+        a.imshow(np.angle(metrics.remove_global_phase(c[box], cf[box], mask=both[box])), cmap="gray")
+        a.set_title(f"{k}: phase")
+    fig.savefig(tmp_path / "halves.png")
+    assert (tmp_path / "halves.png").stat().st_size > 0
+    assert corr >= 0.8, corr
+    assert min(spread["even"], spread["odd"]) >= 0.5 * spread["all"], spread
