@@ -486,6 +486,15 @@ def build_holography(cfg, meas: Measurements) -> MultiDistanceHolography:
         vacuum_margin=cfg.object.margin.value == "vacuum",
         max_shift_px=max_shift,
     )
+    from adorym_dask.storage.measurements import read_tiles
+
+    level = float(read_tiles(meas.source, 0, np.arange(1)).mean())
+    if not 0.25 < level / meas.incident_photons < 4.0:
+        log.warning(
+            "incident_photons is %g but hologram 1 averages %.4g counts per pixel: the plane "
+            "wave would have to be amplified or absorbed that much by the object. Set the "
+            "file's attribute incident_photons to the bare beam's counts per pixel",
+            meas.incident_photons, level)
     log.info("holography: %d hologram(s) of %s px in tiles of %s, halo and margin %d px "
              "(Fresnel spread %.1f px at z_max %.4g m)", meas.n_tiles, meas.det_shape,
              model.tiling.tile, reach, spread, z_max)
