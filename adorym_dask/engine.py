@@ -304,11 +304,12 @@ class Reconstruction:
 
     def _field_box(self) -> list[int]:
         """``[y0, x0, h, w]``: the box of every tile without the model's reach."""
-        pos = np.floor(self.initial["positions"].reshape(-1, 2)).astype(int)
-        lo, hi = pos.min(axis=0), pos.max(axis=0) + np.asarray(self.meas.det_shape)
         if hasattr(self.model, "interior_boxes"):
             boxes = np.asarray(self.model.interior_boxes(self.initial["positions"]))
-            hi = (boxes[:, :2] + boxes[:, 2:]).max(axis=0)
+        else:
+            pos = np.floor(self.initial["positions"].reshape(-1, 2)).astype(int)
+            boxes = np.c_[pos, np.broadcast_to(self.meas.det_shape, pos.shape)]
+        lo, hi = boxes[:, :2].min(axis=0), (boxes[:, :2] + boxes[:, 2:]).max(axis=0)
         return [int(lo[0]), int(lo[1]), int(hi[0] - lo[0]), int(hi[1] - lo[1])]
 
     # -- parameters -------------------------------------------------------------------------------

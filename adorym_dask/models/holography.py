@@ -40,7 +40,7 @@ from adorym_dask.physics.affine import (
 )
 from adorym_dask.physics.multislice import multislice, transmission_from_delta_beta
 from adorym_dask.physics.propagation import fresnel_transfer_function
-from adorym_dask.storage.measurements import MeasurementError, Measurements
+from adorym_dask.storage.measurements import MeasurementError, Measurements, read_tiles
 
 log = logging.getLogger(__name__)
 
@@ -288,10 +288,11 @@ class MultiDistanceHolography:
         ty, tx = self.tiling.tile
         affine = params["affine"]
         holo = torch.as_tensor(self.tiling.hologram(batch.tiles))
-        if not affine.requires_grad and bool((holo == 0).all()):
+        eye = torch.as_tensor(identity_affine(1)[0], dtype=affine.dtype)
+        if not affine.requires_grad and bool(((affine[holo] == eye) | (holo == 0)[:, None, None]).all()):
+            # no alignment to apply (hologram 0, or maps that are not refined and the identity)
             return abs_square(torch.fft.ifft2(spectra)[:, r : r + ty, r : r + tx])
         # hologram 0 is the reference: its map stays the identity (and gets no gradient)
-        eye = torch.as_tensor(identity_affine(1)[0], dtype=affine.dtype)
         maps = torch.where((holo == 0)[:, None, None], eye, affine[holo])
         sub = torch.as_tensor(self.tiling.corners(batch.tiles), dtype=affine.dtype)
         centre = ((self.tiling.holo[0] - 1) / 2, (self.tiling.holo[1] - 1) / 2)
@@ -439,7 +440,8 @@ def build_holography(cfg, meas: Measurements) -> MultiDistanceHolography:
     tiling = Tiling.for_hologram(meas.det_shape, m.tile_px)
     spread = meas.wavelength_m * z_max / (2 * meas.pixel_size_m ** 2)
     factor = m.margin_factor if tiling.per_hologram == 1 else m.tile_halo_factor
-    reach = int(math.ceil(factor * spread)) + (int(math.ceil(max_shift)) if "affine" in cfg.refine else 0)
+    aligned = cfg.refine.get("affine") is not None
+    reach = int(math.ceil(factor * spread)) + (int(math.ceil(max_shift)) if aligned else 0)
     spacings = tuple(m.slice_spacings_m or ())
     thickness = cfg.object.slice_thickness_m or meas.pixel_size_m
     model = MultiDistanceHolography(
@@ -459,8 +461,6 @@ def build_holography(cfg, meas: Measurements) -> MultiDistanceHolography:
         vacuum_margin=cfg.object.margin.value == "vacuum",
         max_shift_px=max_shift,
     )
-    from adorym_dask.storage.measurements import read_tiles
-
     level = float(read_tiles(meas.source, 0, np.arange(1)).mean())
     if not 0.25 < level / meas.incident_photons < 4.0:
         log.warning(
