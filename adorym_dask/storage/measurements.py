@@ -70,7 +70,7 @@ __all__ = [
     "subset_measurements",
 ]
 
-FORMATS = ("native_h5", "native_zarr", "cxi", "adorym_h5")
+FORMATS = ("native_h5", "native_zarr", "cxi", "adorym_h5", "data_exchange")
 _RESERVED = ("intensities", "positions_px", "angles_rad", "mask", "distances_m", "source_distance_m")
 @dataclass(frozen=True)
 class TileSource:
@@ -259,6 +259,10 @@ def read_tiles(source: TileSource, angle: int, tile_indices: np.ndarray) -> np.n
         return _read_subtiles(source, angle, idx)
     if source.tiles is not None:
         idx = np.asarray(source.tiles, np.int64)[idx]
+    if source.fmt == "data_exchange":
+        from .data_exchange import read_projections  # imports this module
+
+        return read_projections(source, angle, idx)
     ds = _get_handle(source.path, source.fmt)[source.key]
     shape = tuple(ds.shape)
     n_tiles = shape[0] if source.frames_flat else shape[1]
@@ -332,7 +336,8 @@ def open_measurements(
     Parameters
     ----------
     path : str or PathLike
-        ``.h5``/``.hdf5`` (native or Adorym), ``.zarr`` (native) or ``.cxi``.
+        ``.h5``/``.hdf5`` (native, Adorym or Data Exchange tomography: see
+        :mod:`adorym_dask.storage.data_exchange`), ``.zarr`` (native) or ``.cxi``.
     fmt : str, optional
         Force one of ``FORMATS`` instead of detecting it.
     energy_ev, pixel_size_m, detector_distance_m : float, optional
@@ -359,10 +364,17 @@ def open_measurements(
         raise MeasurementError(
             f"intensities: measurement file not found: {p}; check data.path in the config"
         )
+    from . import data_exchange  # imports this module
+
     if fmt is None:
-        fmt = formats.detect_format(p)
+        fmt = data_exchange.detect(p) or formats.detect_format(p)
     if fmt not in FORMATS:
         raise MeasurementError(f"fmt: unknown format {fmt!r}; choose one of {FORMATS}")
+    if fmt == "data_exchange":
+        return data_exchange.open_data_exchange(
+            p, energy_ev=energy_ev, pixel_size_m=pixel_size_m,
+            detector_distance_m=detector_distance_m, check_values=check_values,
+        )
     handle = _get_handle(p, fmt)
     raw = formats.read_metadata(
         handle, fmt, where=p, energy_ev=energy_ev, pixel_size_m=pixel_size_m,
