@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import enum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -45,6 +45,7 @@ class DataFormat(str, enum.Enum):
     native = "native"
     cxi = "cxi"
     adorym = "adorym"
+    data_exchange = "data_exchange"  # TomoPy's Data Exchange HDF5 (flat/dark corrected on read)
 
 
 class TileSubset(str, enum.Enum):
@@ -167,6 +168,42 @@ class HolographyConfig(ModelConfig):
                 f"has {gaps} gap(s); give one distance per gap"
             )
         return self
+
+
+class TomographyConfig(ModelConfig):
+    """``model:`` keys of projection tomography (rotation about y; absorption through beta,
+    phase through delta with near-field propagation when the file gives ``distances_m``).
+
+    With ``loss: lsq`` and no propagation the fit is least squares on line integrals,
+    ``-ln(I / I0)`` against ``2 k integral(beta)`` (with gd: ART); otherwise on amplitudes
+    (lsq) or intensities (poisson), as the other models."""
+
+    n_z: int | None = Field(None, ge=1, description="voxels along z (default n_x)")
+    rotation_centre_px: float | Literal["auto"] | None = Field(
+        None, description="detector column of the rotation axis; default the file's "
+        "rotation_centre_px, else (det_x - 1)/2; 'auto' finds it from two projections 180 "
+        "degrees apart; refinable as refine.rotation_centre",
+    )
+    tile_px: int = Field(
+        256, ge=1, description="projections with more rows are cut into bands of at most "
+        "this many rows, each predicted from its y-slab (plus a halo) only",
+    )
+    halo_factor: float = Field(
+        6.0, ge=1.0, description="near-field propagation: each band's halo, in Fresnel "
+        "spreads lambda z / (2 pixel)",
+    )
+
+
+class PtychotomographyConfig(ModelConfig):
+    """``model:`` keys of joint ptychotomography: far-field ptychography through the rotated
+    volume at every angle, one probe (with incoherent modes) shared by all angles."""
+
+    probe_modes: int = Field(1, ge=1)
+    n_z: int | None = Field(None, ge=1, description="voxels along z (default n_x)")
+    slices: int = Field(
+        1, ge=1, description="multislice slices along the beam through the rotated volume "
+        "(1: projection approximation); the lab z samples are summed in this many groups",
+    )
 
 
 def _model_config(value: Any) -> ModelConfig:

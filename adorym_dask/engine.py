@@ -163,7 +163,9 @@ class Reconstruction:
         # the run records the optimizer it uses: its state is in every block
         self.cfg = cfg = _with_optimizer_name(cfg, self.spec.name)
         self.vacuum_margin = bool(getattr(self.model, "vacuum_margin", False))
-        self.rules = object_rules(cfg, vacuum_margin=self.vacuum_margin)
+        self.rules = object_rules(cfg, vacuum_margin=self.vacuum_margin,
+                                  n_z=int(getattr(self.model, "object_shape_px", (0, 0, 0))[2])
+                                  or None)
         self.path = str(cfg.output)
         self.token = uuid.uuid4().hex[:12]  # part of every Dask key: runs never share keys
         self.sources: dict | None = None
@@ -174,9 +176,21 @@ class Reconstruction:
         self.refinements = plan_refinements(cfg, self.specs, initial)
         moves = self.refinements.get("positions")
         self.max_shift = moves.options["max_shift_px"] if moves is not None else 0.0
-        shape, self.offset = object_layout(cfg, self.meas,
-                                           movement_px=self.max_shift + self.reach)
-        self.obj_shape = (*shape, getattr(cfg.model, "slices", 1))
+        volume = getattr(self.model, "object_shape_px", None)
+        if volume is not None:  # a volume of the model's own (tomography): tiles are its rows
+            shape, self.offset = tuple(volume[:2]), np.zeros(2)
+            self.obj_shape = tuple(volume)
+        else:
+            shape, self.offset = object_layout(cfg, self.meas,
+                                               movement_px=self.max_shift + self.reach)
+            depth = getattr(self.model, "volume_depth", None)  # a volume of whole rows
+            self.obj_shape = (*shape, depth(shape[1]) if depth else getattr(cfg.model, "slices", 1))
+        if hasattr(self.model, "with_volume"):  # a model that needs the volume's extent
+            self.model = self.model.with_volume(self.obj_shape)
+            self.reach = int(getattr(self.model, "reach_px", 0))
+            self.spec = object_optimizer(self.cfg, self.model)  # its steps may scale with it
+        # models that rotate the volume about y read and update whole rows (y-slabs)
+        self.full_rows = bool(getattr(self.model, "full_rows", False)) or volume is not None
         if ck is None:
             initial["positions"] = initial["positions"] + self.offset
         self.initial = initial
@@ -187,9 +201,9 @@ class Reconstruction:
             hold_affine=bool(moves.options["hold_affine"]) if moves is not None else False,
         )
         group_size = min(cfg.tile_group_size, cfg.minibatch_size)
-        self.groups = plan_tile_groups(
+        self.groups = [self._rows(g) for g in plan_tile_groups(
             initial["positions"], self.meas.det_shape, group_size, halo=self.halo, shape=shape
-        )
+        )]
         if ck is not None:
             self._open_existing(ck)
         else:
@@ -224,10 +238,28 @@ class Reconstruction:
         make = create_store if create else open_store
         return make(
             self.cfg.object.store.value, self.path, shape=self.obj_shape,
-            chunks=self.cfg.object.chunks_px,
+            chunks=self._chunks(),
             representation=self.cfg.object.representation.value,
             n_state=len(self.spec.state_names), token=self.store_token,
         )
+
+    def _row_box(self, box: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
+        """``box`` widened to whole rows when the model rotates the volume about y."""
+        return (box[0], 0, box[2], self.obj_shape[1]) if self.full_rows else box
+
+    def _rows(self, g: TileGroup) -> TileGroup:
+        return TileGroup(g.index, g.angle, g.tiles, self._row_box(g.box))
+
+    def _chunks(self) -> tuple[int, int]:
+        """Block size ``(y, x)``: ``object.chunks``, or y-slabs of the whole width for a model
+        that rotates its volume about y (a slab rotates on its own)."""
+        cy, cx = self.cfg.object.chunks_px
+        if self.full_rows:
+            if cx < self.obj_shape[1]:
+                log.info("object.chunks: %s rotates the volume about y, so blocks are y-slabs "
+                         "of the whole width (%d, %d)", self.cfg.model.kind, cy, self.obj_shape[1])
+            return cy, self.obj_shape[1]
+        return cy, cx
 
     @property
     def store_token(self) -> str:
@@ -408,8 +440,8 @@ class Reconstruction:
         out = []
         for g in groups:
             if not box_holds(g.box, pos[g.angle, g.tiles], self.meas.det_shape):
-                box = grow_box(group_box(pos[g.angle, g.tiles], self.meas.det_shape), self.halo,
-                               self.obj_shape[:2])
+                box = self._row_box(grow_box(group_box(pos[g.angle, g.tiles], self.meas.det_shape),
+                                             self.halo, self.obj_shape[:2]))
                 log.info("tile group %d moved beyond its box; new box %s", g.index, box)
                 g = TileGroup(g.index, g.angle, g.tiles, box)
                 self.groups[g.index] = g
@@ -454,8 +486,9 @@ class Reconstruction:
     def _footprints(self, groups: list[TileGroup]) -> dict[int, tuple[int, int, int, int]]:
         """The box each group's tiles cover now (inside its halo-widened box)."""
         pos = self.params["positions"].value
-        return {g.index: grow_box(group_box(pos[g.angle, g.tiles], self.meas.det_shape),
-                                  self.reach, self.obj_shape[:2])
+        return {g.index: self._row_box(grow_box(group_box(pos[g.angle, g.tiles],
+                                                          self.meas.det_shape),
+                                                self.reach, self.obj_shape[:2]))
                 for g in groups}
 
     def active_refinements(self, epoch: int) -> dict[str, str]:
@@ -640,7 +673,8 @@ class Reconstruction:
             self.model, name=f"model-{self.token}-e{epoch}-r{self.recoveries}", traverse=False
         )
         rng = np.random.default_rng([self.cfg.seed, epoch])
-        batches = epoch_minibatches(self.groups, self.cfg.minibatch_size, rng)
+        batches = epoch_minibatches(self.groups, self.cfg.minibatch_size, rng,
+                                    mix_angles=bool(getattr(self.model, "mix_angles", False)))
         self.clock.start_epoch()
         if self.batch == 0 and self._search_due(epoch):
             self._search_positions(epoch, scheduler)

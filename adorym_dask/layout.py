@@ -21,7 +21,8 @@ from adorym_dask.storage.measurements import (
 
 log = logging.getLogger(__name__)
 
-FORMATS = {"auto": None, "native": None, "cxi": "cxi", "adorym": "adorym_h5"}
+FORMATS = {"auto": None, "native": None, "cxi": "cxi", "adorym": "adorym_h5",
+           "data_exchange": "data_exchange"}
 DEFAULT_PHASE_STEP_RAD = 0.03  # measured: converges fastest among 0.01/0.03/0.1 on simulations
 # gd and momentum step the object by step_size / L (L the data term's curvature, see
 # FarFieldPtychography.object_curvature); Nesterov momentum 0.9 amplifies steps up to 10x.
@@ -126,6 +127,8 @@ def object_optimizer(cfg: RunConfig, model) -> OptimizerSpec:
         step = o.step_size
     elif name != "adam":
         step = getattr(model, "default_object_steps", {}).get(name, DEFAULT_CURVATURE_STEP[name])
+    elif getattr(model, "default_adam_step", None) is not None:
+        step = model.default_adam_step
     elif cfg.object.representation.value == "real_imag":
         step = DEFAULT_PHASE_STEP_RAD
     else:
@@ -147,11 +150,15 @@ def object_learning_rate(spec: OptimizerSpec, model, params: dict, n_tiles: int)
     return spec.with_step(spec.step_size / top)
 
 
-def object_rules(cfg: RunConfig, *, vacuum_margin: bool = False) -> ObjectRules | None:
+PASSIVE_BY_DEFAULT = ("holography", "tomography", "ptychotomography")
+
+
+def object_rules(cfg: RunConfig, *, vacuum_margin: bool = False,
+                 n_z: int | None = None) -> ObjectRules | None:
     """Regularizers and constraints of the blockwise update (None when there are none);
     ``vacuum_margin``: the model holds the object outside its tiles' field at vacuum (a
-    support made of the field)."""
-    n_z = getattr(cfg.model, "slices", 1)
+    support made of the field); ``n_z`` the object's depth (default ``model.slices``)."""
+    n_z = n_z or getattr(cfg.model, "slices", 1)
     regs = tuple(
         Regularizer(
             r.kind.value,
@@ -167,6 +174,6 @@ def object_rules(cfg: RunConfig, *, vacuum_margin: bool = False) -> ObjectRules 
         constraint=o.constraint.value,
         non_negative=o.non_negative,
         support=o.support_path is not None or o.shrinkwrap is not None or vacuum_margin,
-        passive=o.passive if o.passive is not None else cfg.model.kind == "holography",
+        passive=o.passive if o.passive is not None else cfg.model.kind in PASSIVE_BY_DEFAULT,
     )
     return rules if rules.active else None

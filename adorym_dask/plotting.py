@@ -27,6 +27,22 @@ def _pyplot():
     return plt
 
 
+def _finish(fig, ax, path, probe: np.ndarray | None, k: int, loss: list[float]) -> Path:
+    """The probe's first mode in panel ``k`` (if any), the loss in the last; save and close."""
+    if probe is not None:
+        probe = probe if probe.ndim == 3 else probe[None]  # an illumination [py, px]
+        im = ax[k].imshow(np.abs(probe[0]), cmap="viridis")
+        ax[k].set_title(f"probe |mode 0| of {probe.shape[0]}")
+        fig.colorbar(im, ax=ax[k])
+    ax[-1].semilogy(np.arange(1, len(loss) + 1), loss, "o-")
+    ax[-1].set_xlabel("epoch")
+    ax[-1].set_title("loss")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    _pyplot().close(fig)
+    return Path(path)
+
+
 def save_summary_png(
     path: str | Path,
     *,
@@ -69,19 +85,7 @@ def save_summary_png(
         label = "phase (rad)" if representation == "real_imag" else "-delta"
         ax[z].set_title(f"object {label}" + (f", slice {z}" if n_z > 1 else ""))
         fig.colorbar(im, ax=ax[z])
-    if probe is not None:
-        probe = probe if probe.ndim == 3 else probe[None]  # an illumination [py, px]
-        k = n_z + extra
-        im = ax[k].imshow(np.abs(probe[0]), cmap="viridis")
-        ax[k].set_title(f"probe |mode 0| of {probe.shape[0]}")
-        fig.colorbar(im, ax=ax[k])
-    ax[-1].semilogy(np.arange(1, len(loss) + 1), loss, "o-")
-    ax[-1].set_xlabel("epoch")
-    ax[-1].set_title("loss")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return Path(path)
+    return _finish(fig, ax, path, probe, n_z + extra, loss)
 
 
 def save_positions_png(
@@ -133,10 +137,35 @@ def save_positions_png(
     return Path(path)
 
 
+def save_volume_png(path: str | Path, *, obj: np.ndarray, probe: np.ndarray | None,
+                    loss: list[float], row: int | None = None) -> Path:
+    """A volume ``[n_y, n_x, n_z, 2]`` (delta, beta) of a tomographic model: beta and delta
+    in the ``(z, x)`` slice at ``row`` (default the middle one, the axial slice), beta in the
+    ``(y, x)`` slice through the middle of z, the probe's first mode if any, and the loss."""
+    plt = _pyplot()
+    row = obj.shape[0] // 2 if row is None else row
+    views = [(obj[row, :, :, 1].T, f"beta, row {row} (z down, x across)"),
+             (obj[row, :, :, 0].T, f"delta, row {row}"),
+             (obj[:, :, obj.shape[2] // 2, 1], "beta, middle of z (y down, x across)")]
+    panels = len(views) + (probe is not None) + 1
+    fig, ax = plt.subplots(1, panels, figsize=(4.3 * panels, 4))
+    for axis, (img, title) in zip(ax, views):
+        im = axis.imshow(img, cmap="gray", aspect="auto" if img.shape[0] < 8 else "equal")
+        axis.set_title(title)
+        fig.colorbar(im, ax=axis)
+    return _finish(fig, ax, path, probe, len(views), loss)
+
+
+VOLUME_MODELS = ("tomography", "ptychotomography")
+
+
 def save_run_pngs(path: str | Path, result) -> list[Path]:
     """The summary PNG at ``path`` and, when positions were refined, ``<stem>_positions.png``
     beside it. ``result`` is a :class:`~adorym_dask.engine.RunResult`."""
     ds = result.open()
+    if ds.attrs.get("config", {}).get("model", {}).get("kind") in VOLUME_MODELS:
+        return [save_volume_png(path, obj=result.object(), probe=result.params.get("probe"),
+                                loss=result.loss)]
     out = [save_summary_png(
         path, obj=result.object(), representation=ds.attrs["representation"],
         probe=result.params.get("probe"), loss=result.loss,

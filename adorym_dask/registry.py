@@ -48,12 +48,31 @@ def _build_holography(cfg: RunConfig, meas: Measurements) -> ForwardModel:
     return build_holography(cfg, meas)
 
 
+def _build_tomography(cfg: RunConfig, meas: Measurements) -> ForwardModel:
+    from adorym_dask.models.tomography import build_tomography
+
+    return build_tomography(cfg, meas)
+
+
+def _build_ptychotomography(cfg: RunConfig, meas: Measurements) -> ForwardModel:
+    from adorym_dask.models.ptychotomography import build_ptychotomography
+
+    return build_ptychotomography(cfg, meas)
+
+
 def _builtin() -> dict[str, ModelRegistration]:
-    from adorym_dask.config import HolographyConfig, PtychographyConfig
+    from adorym_dask.config import (
+        HolographyConfig,
+        PtychographyConfig,
+        PtychotomographyConfig,
+        TomographyConfig,
+    )
 
     return {
         "ptychography": ModelRegistration(_build_ptychography, PtychographyConfig),
         "holography": ModelRegistration(_build_holography, HolographyConfig),
+        "tomography": ModelRegistration(_build_tomography, TomographyConfig),
+        "ptychotomography": ModelRegistration(_build_ptychotomography, PtychotomographyConfig),
     }
 
 

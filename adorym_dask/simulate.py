@@ -535,8 +535,10 @@ def add_simulate_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     p.add_argument("--overwrite", action="store_true",
                    help="replace existing output files")
     from adorym_dask.simulate_holography import add_holography_arguments
+    from adorym_dask.simulate_tomography import add_tomography_arguments
 
     add_holography_arguments(sub)
+    add_tomography_arguments(sub)
     return parser
 
 
@@ -546,6 +548,10 @@ def run_simulate(args: argparse.Namespace) -> int:
         from adorym_dask.simulate_holography import run_holography
 
         return run_holography(args)
+    if getattr(args, "simulate_kind", None) == "tomography":
+        from adorym_dask.simulate_tomography import run_tomography
+
+        return run_tomography(args)
     if getattr(args, "simulate_kind", None) != "ptychography":
         raise SystemExit(f"unknown simulation kind {args.simulate_kind!r}")
     try:

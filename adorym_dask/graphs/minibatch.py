@@ -103,16 +103,18 @@ def plan_tile_groups(
 
 
 def epoch_minibatches(
-    groups: Sequence[TileGroup], minibatch_size: int, rng: np.random.Generator
+    groups: Sequence[TileGroup], minibatch_size: int, rng: np.random.Generator,
+    *, mix_angles: bool = False,
 ) -> list[list[TileGroup]]:
     """Shuffle the groups and pack them into minibatches of about ``minibatch_size`` tiles.
 
-    Minibatches never mix angles (each optimizer step sees one rotation of the object). Groups
-    inside a minibatch are sorted by index, which fixes the reduction order.
+    Minibatches never mix angles (each optimizer step sees one rotation of the object), unless
+    ``mix_angles`` (tomography: a projection is one tile, and a step should see several
+    angles). Groups inside a minibatch are sorted by index, which fixes the reduction order.
     """
     by_angle: dict[int, list[TileGroup]] = {}
     for g in groups:
-        by_angle.setdefault(g.angle, []).append(g)
+        by_angle.setdefault(-1 if mix_angles else g.angle, []).append(g)
     batches: list[list[TileGroup]] = []
     for angle in rng.permutation(sorted(by_angle)):
         members = [by_angle[int(angle)][i] for i in rng.permutation(len(by_angle[int(angle)]))]
