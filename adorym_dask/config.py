@@ -371,8 +371,10 @@ class RegularizerConfig(_Strict):
     weight: float | list[float] = Field(
         ..., description="one weight, or one per slice"
     )
-    eps: float = Field(
-        1e-3, gt=0, description="smoothing of |.| (l1, tv) and the reweighting floor"
+    eps: float | None = Field(
+        None, gt=0, description="smoothing of |.| (l1, tv) and the reweighting floor; "
+        "default 1e-3 of transmission (real_imag), or the delta/beta of 1e-3 rad of phase "
+        "over one slice (delta_beta: values ~1e-7 need an eps at their own scale)",
     )
 
     @field_validator("weight")

@@ -163,9 +163,10 @@ class Reconstruction:
         # the run records the optimizer it uses: its state is in every block
         self.cfg = cfg = _with_optimizer_name(cfg, self.spec.name)
         self.vacuum_margin = bool(getattr(self.model, "vacuum_margin", False))
+        kdz = 2 * math.pi / self.model.wavelength_m * self.model.slice_thickness_m
         self.rules = object_rules(cfg, vacuum_margin=self.vacuum_margin,
                                   n_z=int(getattr(self.model, "object_shape_px", (0, 0, 0))[2])
-                                  or None)
+                                  or None, delta_per_rad=1.0 / kdz)
         self.path = str(cfg.output)
         self.token = uuid.uuid4().hex[:12]  # part of every Dask key: runs never share keys
         self.sources: dict | None = None

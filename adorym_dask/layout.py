@@ -153,17 +153,25 @@ def object_learning_rate(spec: OptimizerSpec, model, params: dict, n_tiles: int)
 PASSIVE_BY_DEFAULT = ("holography", "tomography", "ptychotomography")
 
 
-def object_rules(cfg: RunConfig, *, vacuum_margin: bool = False,
-                 n_z: int | None = None) -> ObjectRules | None:
+DEFAULT_REGULARIZER_EPS = 1e-3  # of transmission, or of phase (rad) over one slice
+
+
+def object_rules(cfg: RunConfig, *, vacuum_margin: bool = False, n_z: int | None = None,
+                 delta_per_rad: float | None = None) -> ObjectRules | None:
     """Regularizers and constraints of the blockwise update (None when there are none);
     ``vacuum_margin``: the model holds the object outside its tiles' field at vacuum (a
-    support made of the field); ``n_z`` the object's depth (default ``model.slices``)."""
+    support made of the field); ``n_z`` the object's depth (default ``model.slices``);
+    ``delta_per_rad`` the delta (or beta) of one radian of phase over one slice,
+    ``1 / (k dz)``, which scales the regularizers' default ``eps`` for delta_beta objects."""
     n_z = n_z or getattr(cfg.model, "slices", 1)
+    default_eps = DEFAULT_REGULARIZER_EPS
+    if cfg.object.representation.value == "delta_beta" and delta_per_rad is not None:
+        default_eps *= delta_per_rad
     regs = tuple(
         Regularizer(
             r.kind.value,
             tuple(r.weight) if isinstance(r.weight, list) else (float(r.weight),) * n_z,
-            r.eps,
+            r.eps if r.eps is not None else default_eps,
         )
         for r in cfg.regularizers
     )

@@ -152,13 +152,17 @@ def _reconstruct_phantom(tmp_path, n, n_angles, epochs, **extra):
     return nrmse(beta, truth, mask), err_fbp, filt
 
 
-@pytest.mark.parametrize("n,epochs", [(64, 15), pytest.param(96, 20, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("n,epochs", [(64, 25), pytest.param(96, 25, marks=pytest.mark.slow)])
 def test_ellipsoid_phantom_beats_filtered_back_projection(tmp_path, n, epochs):
     """45 angles over 180 degrees of an analytic ellipsoid phantom with Poisson noise (1e4
     photons per pixel): our NRMSE of beta over the central cylinder is at most 0.9 times that
     of the better of scikit-image's ramp and Shepp-Logan filtered back-projections of the
-    same data (45 angles are under-sampled for FBP: streaks)."""
-    ours, theirs, filt = _reconstruct_phantom(tmp_path, n, 45, epochs)
+    same data (45 angles are under-sampled for FBP: streaks). Least squares on line integrals
+    with Adam and TV (weight 0.3, eps the default 1e-3 rad per voxel); measured at 64^3:
+    0.073 against FBP's 0.113 (without TV the fit starts to follow the noise after about 30
+    epochs: 0.124 at 15, 0.110 at 30, 0.168 at 60)."""
+    ours, theirs, filt = _reconstruct_phantom(tmp_path, n, 45, epochs,
+                                              regularizers=[{"kind": "tv", "weight": 0.3}])
     print(f"n={n}: NRMSE ours {ours:.4f}, FBP ({filt}) {theirs:.4f}, ratio {ours / theirs:.3f}")
     assert ours <= 0.9 * theirs
 
@@ -245,3 +249,76 @@ def test_the_rotation_centre_comes_from_the_file_or_the_config(tmp_path):
                                                      "rotation_centre_px": 3.0}, overwrite=True))
     assert float(rec.params["rotation_centre"].value) == 3.0
     assert rec.store.geometry.chunks[1] == 6  # y-slabs of the whole width
+
+
+# -- joint ptychotomography ------------------------------------------------------------------
+def _pt_setup(tmp_path, n=12, det=8, n_angles=4):
+    from adorym_dask.models.ptychotomography import build_ptychotomography
+    from adorym_dask.storage.measurements import open_measurements
+
+    pos = np.stack(np.meshgrid([0, 4], [0, 4], indexing="ij"), -1).reshape(-1, 2).astype(float)
+    angles = np.linspace(0, np.pi, n_angles, endpoint=False)
+    path = write_measurements(
+        tmp_path / "pt.h5", intensities=np.ones((n_angles, len(pos), det, det), np.float32),
+        positions_px=np.broadcast_to(pos, (n_angles, len(pos), 2)).copy(), angles_rad=angles,
+        energy_ev=10000.0, pixel_size_m=2e-8, detector_distance_m=1.0, overwrite=True,
+    )
+    cfg = config_from_dict({"data": {"path": str(path)}, "model": {"kind": "ptychotomography"},
+                            "object": {"representation": "delta_beta"},
+                            "output": str(tmp_path / "pt.zarr")})
+    model = build_ptychotomography(cfg, open_measurements(path)).with_volume((n, n, n))
+    return model, pos
+
+
+def test_ptychotomography_at_angle_zero_is_ptychography_of_the_projection(tmp_path):
+    """One slice, angle 0: the volume's exit waves are those of far-field ptychography
+    through one slice holding the volume's sums along z (the projection approximation), and
+    at 90 degrees those of the sums along x."""
+    model, pos = _pt_setup(tmp_path)
+    rng = np.random.default_rng(0)
+    vol = torch.as_tensor(rng.uniform(0, 1e-5, (12, 12, 12, 2)), dtype=torch.float32)
+    probe = torch.as_tensor(rng.normal(size=(1, 8, 8)) + 1j * rng.normal(size=(1, 8, 8)),
+                            dtype=torch.complex64)
+    params = {"probe": probe, "positions": torch.as_tensor(pos),
+              "tilts": torch.zeros(3, dtype=torch.float64)}
+    ours = model.predict(vol, params, Batch((0, 0), 0, np.arange(len(pos))))
+    flat = model.ptycho.predict(vol.sum(dim=2, keepdim=True), params,
+                                Batch((0, 0), 0, np.arange(len(pos))))
+    assert torch.allclose(ours, flat, rtol=1e-4, atol=1e-6 * float(flat.max()))
+    side = model.predict(vol, params, Batch((0, 0), 2, np.arange(len(pos))))  # 90 degrees
+    # Ry(90): lab x = -material z, so lab column j sees material z = n - 1 - j
+    proj = vol.sum(dim=1).flip(1).unsqueeze(2)
+    flat90 = model.ptycho.predict(proj, params, Batch((0, 0), 2, np.arange(len(pos))))
+    assert torch.allclose(side, flat90, rtol=1e-3, atol=1e-5 * float(flat90.max()))
+
+
+def test_ptychotomography_reconstruction_lowers_the_loss(tmp_path):
+    """End to end on data from the model itself (12^3, 4 angles x 4 tiles): the engine runs
+    the rotated multislice on whole-row slabs, refines the shared probe, and the loss falls."""
+    model, pos = _pt_setup(tmp_path)
+    yy, xx, zz = np.meshgrid(*(np.arange(12) - 5.5,) * 3, indexing="ij")
+    vol = np.zeros((12, 12, 12, 2), np.float32)
+    vol[..., 0] = 3e-5 * ((xx - 1) ** 2 + zz ** 2 + yy ** 2 < 16)
+    vol[..., 1] = vol[..., 0] / 20
+    yy2, xx2 = np.meshgrid(np.arange(8) - 3.5, np.arange(8) - 3.5, indexing="ij")
+    probe = torch.as_tensor((30 * np.exp(-(yy2 ** 2 + xx2 ** 2) / 8))[None], dtype=torch.complex64)
+    inten = []
+    for a in range(4):
+        params = {"probe": probe, "positions": torch.as_tensor(pos),
+                  "tilts": torch.zeros(3, dtype=torch.float64)}
+        inten.append(model.predict(torch.as_tensor(vol), params,
+                                   Batch((0, 0), a, np.arange(len(pos)))).numpy())
+    path = write_measurements(
+        tmp_path / "pt.h5", intensities=np.asarray(inten, np.float32),
+        positions_px=np.broadcast_to(pos, (4, len(pos), 2)).copy(),
+        angles_rad=np.linspace(0, np.pi, 4, endpoint=False), energy_ev=10000.0,
+        pixel_size_m=2e-8, detector_distance_m=1.0, overwrite=True,
+    )
+    res = run(config_from_dict({
+        "data": {"path": str(path)}, "model": {"kind": "ptychotomography"},
+        "object": {"representation": "delta_beta"}, "epochs": 6, "minibatch_size": 4,
+        "output": str(tmp_path / "run.zarr"), "progress": False,
+        "cluster": {"scheduler": "sync"}}))
+    ds = xr.open_zarr(tmp_path / "run.zarr")
+    assert ds.object.shape == (12, 12, 12, 2)
+    assert res.loss[-1] < 0.5 * res.loss[0]

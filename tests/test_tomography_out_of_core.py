@@ -1,0 +1,157 @@
+"""Tomography out of core: a volume 4x each worker's memory limit, one epoch, no spilling.
+
+The tomography counterpart of ``test_out_of_core.py`` (same cluster: 2 worker processes of one
+thread at 576 MiB, Dask's default spill/pause/restart thresholds; see there why 576 MiB).
+
+Sizes. The volume is 4608 x 256 x 256 voxels (y, x, z) x 2 float32 channels (delta, beta) =
+2.25 GiB = 4x each worker's limit, stored in y-slabs of 16 rows of the whole width and depth
+(``object.chunks: [16, 256]``: 288 slabs of 8 MiB). The data are 3 projections (0, 60 and 120
+degrees) of 4608 x 256 pixels (14 MB), cut into bands of 16 rows (``model.tile_px: 16``): 864
+tiles; a task holds a group of 2 bands of one angle (``tile_group_size: 2``), so it reads
+2 slabs (16 MiB) and rotates and integrates them inside the task. Minibatches of 48 bands mix
+the angles; with ``gd`` (ART) the store keeps no optimizer arrays. On disk: 2 slots x 2.25 GiB
+plus the published 2.25 GiB volume, under ``tmp_path``.
+
+The object is a cylinder of constant beta about the rotation axis, so every row of every
+projection is the same analytic profile (chord ``2 sqrt(R^2 - x^2)``): the data are written
+row by row from one profile without ever holding the volume.
+
+Measured (2-core x86-64 machine shared with other jobs, torch CPU, distributed 2026.8):
+warm baseline (larger worker ``VmHWM`` after a tiny warm-up reconstruction) MEASURED_BASELINE;
+peak during the run MEASURED_PEAK; the epoch and publish MEASURED_TIME.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import xarray as xr
+
+from adorym_dask.cluster import environ_restored, worker_memory
+from adorym_dask.config import config_from_dict
+from adorym_dask.engine import run
+from adorym_dask.storage.checkpoint import load_checkpoint
+from adorym_dask.storage.measurements import write_measurements
+from test_out_of_core import LIMIT, MIB, PAUSE, PAUSED, RESTARTED, SPILL
+
+N_X = 256  # = n_z = det_x
+N_Y = 4608  # rows: N_Y x N_X x N_X x 2 channels x 4 B = 2.25 GiB = 4 x LIMIT
+BAND = 16  # rows per tile and per object slab
+MINIBATCH = 48  # bands per minibatch
+GROUP = 2  # bands per task
+ANGLES = np.radians([0.0, 60.0, 120.0])
+ENERGY_EV = 20000.0
+PIXEL_M = 1e-6
+I0 = 1e4
+MAX_OD = 1.0  # optical density through the cylinder's axis
+
+
+def _write_cylinder(folder: Path, n_y: int) -> Path:
+    """Projections of a cylinder of constant beta about the rotation axis (radius 0.4 n_x):
+    every row at every angle is ``I0 exp(-2 k beta chord(x) pixel)``."""
+    folder.mkdir(exist_ok=True)
+    x = np.arange(N_X) - (N_X - 1) / 2
+    radius = 0.4 * N_X
+    chord = 2 * np.sqrt(np.clip(radius**2 - x**2, 0, None))  # voxels
+    row = (I0 * np.exp(-MAX_OD * chord / chord.max())).astype(np.float32)
+    intensities = np.broadcast_to(row, (len(ANGLES), 1, n_y, N_X))
+    return Path(write_measurements(
+        folder / "cylinder.h5", intensities=intensities,
+        positions_px=np.zeros((len(ANGLES), 1, 2)), angles_rad=ANGLES, energy_ev=ENERGY_EV,
+        pixel_size_m=PIXEL_M, incident_photons=I0,
+    ))
+
+
+def _config(data: Path, output: Path):
+    return config_from_dict({
+        "data": {"path": str(data)},
+        "model": {"kind": "tomography", "tile_px": BAND},
+        "object": {"representation": "delta_beta", "chunks": [BAND, N_X], "store": "zarr"},
+        "optimizer": {"name": "gd"},
+        "epochs": 1,
+        "minibatch_size": MINIBATCH,
+        "tile_group_size": GROUP,
+        "publish_every_epochs": 0,  # the run publishes once at its end anyway
+        "output": str(output),
+        "progress": False,
+    })
+
+
+def test_volume_four_times_worker_memory(tmp_path):
+    from distributed import Client, LocalCluster
+
+    volume_bytes = N_Y * N_X * N_X * 2 * 4
+    assert volume_bytes >= 4 * LIMIT
+    need = 3 * volume_bytes + 256 * MIB
+    free = shutil.disk_usage(tmp_path).free
+    if free < need:
+        pytest.skip(f"needs {need / 2**30:.1f} GiB free disk under {tmp_path}, has "
+                    f"{free / 2**30:.1f} GiB")
+    warm = _config(_write_cylinder(tmp_path / "warm", 4 * BAND), tmp_path / "warm.zarr")
+    cfg = _config(_write_cylinder(tmp_path / "big", N_Y), tmp_path / "run.zarr")
+    t0 = time.perf_counter()
+    with environ_restored(), LocalCluster(
+        n_workers=2, threads_per_worker=1, memory_limit=LIMIT, processes=True,
+        dashboard_address=None,
+    ) as cluster, Client(cluster) as client:
+        client.wait_for_workers(2)
+        run(warm, client)  # both workers have run gradient, update and publish tasks
+        before = client.run(worker_memory)
+        baseline = max(w["peak_rss"] for w in before.values())
+        t1 = time.perf_counter()
+        result = run(cfg, client)
+        elapsed = time.perf_counter() - t1
+        after = client.run(worker_memory)
+        logs = [
+            msg
+            for nanny in (False, True)
+            for entries in client.get_worker_logs(n=10_000, nanny=nanny).values()
+            for _, msg in entries
+        ]
+        restart_events = client.get_events("worker-restart-memory")
+
+    report = {
+        addr: f"after warm-up {before[addr]['peak_rss'] / MIB:.0f} MiB, peak "
+        f"{w['peak_rss'] / MIB:.0f} MiB of {w['memory_limit'] / MIB:.0f} MiB"
+        for addr, w in after.items()
+    }
+    ck = load_checkpoint(cfg.output)
+    print(f"volume {volume_bytes / MIB:.0f} MiB; warm baseline {baseline / MIB:.0f} MiB; run "
+          f"{elapsed:.1f} s of {time.perf_counter() - t0:.1f} s; loss {ck.start_loss:.4g} -> "
+          f"{result.loss}; workers: {report}")
+    assert baseline < SPILL * LIMIT - 32 * MIB, (
+        f"a warm worker already uses {baseline / MIB:.0f} MiB: too close to the spill "
+        f"threshold of the {LIMIT / MIB:.0f} MiB limit to test anything here")
+
+    # one finite epoch; gd lowered the loss (the epoch's mean over its minibatches, each slab
+    # seen at 3 angles, against the first minibatch before any update)
+    assert len(result.loss) == 1 and math.isfinite(result.loss[0])
+    assert result.loss[0] < ck.start_loss
+    n_slabs = N_Y // BAND
+    assert ck.slots.size == n_slabs
+    assert (ck.slots >= 1).all(), "every slab was read, updated and written"
+    # the published volume: [n_y, n_x, n_z, (delta, beta)], its beta positive inside the
+    # cylinder (spot checks: reading it whole would take 2.25 GiB here)
+    obj = xr.open_zarr(cfg.output).object
+    assert obj.shape == (N_Y, N_X, N_X, 2)
+    for y in (0, N_Y // 2, N_Y - 1):
+        beta = obj[y, N_X // 2 - 8 : N_X // 2 + 8, N_X // 2 - 8 : N_X // 2 + 8, 1].values
+        assert np.isfinite(beta).all() and (beta > 0).all(), y
+    # no worker restarted, paused or spilled
+    assert set(after) == set(before)
+    assert all(after[a]["pid"] == before[a]["pid"] for a in after), report
+    assert not restart_events
+    assert not [m for m in logs if any(w in m for w in RESTARTED)]
+    assert not [m for m in logs if PAUSED in m]
+    for addr, w in after.items():
+        assert w["memory_limit"] == LIMIT
+        assert w["spill_writes"] == 0 and w["spilled_bytes"] == 0 and w["keys_on_disk"] == 0, (
+            addr, w)
+        assert w["peak_rss"] < PAUSE * LIMIT, report
+        # a worker held no more than a few slabs beyond the warm baseline (volume/32 = 9 slabs)
+        assert w["peak_rss"] - baseline < volume_bytes / 32, report
