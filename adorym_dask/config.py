@@ -397,6 +397,7 @@ class OptimizerName(str, enum.Enum):
     gd = "gd"
     momentum = "momentum"  # Nesterov
     pie = "pie"  # gradient step normalised by each pixel's illumination
+    cg = "cg"  # conjugate gradient over all tiles per epoch, line search on the driver
 
 
 class OptimizerConfig(_Strict):

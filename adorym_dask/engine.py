@@ -172,6 +172,7 @@ class Reconstruction:
         self.sources: dict | None = None
         self.n_checkpoints = 0
         self.recoveries = 0  # part of every task key: a replay must not reuse erred keys
+        self._cg_alpha: float | None = None  # conjugate gradient's last step (driver state)
         ck = self._check_resume(allow_config_change) if resume else None
         initial = ck.initial if ck is not None else self._initial_values()
         self.refinements = plan_refinements(cfg, self.specs, initial)
@@ -528,6 +529,13 @@ class Reconstruction:
         self._check_finite(sums.loss, epoch, b)
         if self.start_loss is None:
             self.start_loss = float(sums.loss)  # the first minibatch, before any update
+        self._apply_step(sums, new, epoch, b, n)
+        if self.store.on_disk:
+            self.commit()
+
+    def _apply_step(self, sums, new: dict, epoch: int, b: int, n: int) -> None:
+        """Step the refined parameters from ``sums``, take the blocks' ``new`` sources and
+        count the step (minibatch ``b`` of ``n`` tiles)."""
         params = apply_gradients(self.params, self.refinements, sums, bounds=self.bounds)
         if hasattr(self.model, "constrain_parameters"):
             params = self.model.constrain_parameters(params)
@@ -543,8 +551,61 @@ class Reconstruction:
         self.step += 1
         self.batch = b + 1
         self.epoch_loss = (self.epoch_loss[0] + sums.loss * n, self.epoch_loss[1] + n)
-        if self.store.on_disk:
-            self.commit()
+
+    def run_cg_iteration(self, epoch: int, scheduler) -> None:
+        """One conjugate-gradient step of the object over every tile (see
+        :mod:`adorym_dask.graphs.cg`), the refined parameters stepped by their own optimizers
+        from the same gradient pass; then commit."""
+        from adorym_dask.graphs import cg
+
+        tag = f"{self.token}-e{epoch}-cg-r{self.recoveries}"
+        groups = self._fit_boxes(list(self.groups))
+        n = sum(len(g.tiles) for g in groups)
+        shared = shared_values(self.params, self.specs)
+        own = {g.index: group_rows(self.params, self.specs, g) for g in groups}
+
+        def graph(sources, name, scopes, block_task=None):
+            return build_minibatch(
+                groups, obj=self.store, sources=sources, source=self.meas.source,
+                shared=delayed(shared, name=f"shared-{name}", traverse=False), own=own,
+                model=self._model_delayed, spec=self.spec, block_steps=self.block_steps,
+                scopes=scopes, curvature_for=self.curvature_users, rules=None, tag=name,
+                footprints=self._footprints(groups), block_task=block_task,
+            )
+
+        first = graph(self.sources, tag, self.active_refinements(epoch), cg.block_gradient)
+        sums, *items = _persist(scheduler, first.sums, *first.updates.values())
+        blocks = list(first.updates)
+        (sums,) = dask.compute(sums, scheduler=scheduler)
+        self._check_finite(sums.loss, epoch, 0)
+        if self.start_loss is None:
+            self.start_loss = float(sums.loss)
+        parts = dask.compute(*[delayed(cg.dots_of)(it) for it in items], scheduler=scheduler)
+        dots = np.sum(parts, axis=0)
+        beta, slope = cg.direction(dots, first=self._cg_alpha is None)
+        alpha0 = self._cg_alpha
+        if alpha0 is None:  # first trial: an RMS step of optimizer.step_size per value
+            size = float(np.prod(self.obj_shape)) * 2
+            alpha0 = self.spec.step_size * math.sqrt(size) / max(cg.direction_norm(dots, beta), 1e-30)
+        grads = {b: delayed(cg.gradient_of)(it) for b, it in zip(blocks, items)}
+
+        def step(alpha, constrain, name):
+            tasks = [delayed(cg.block_step, pure=False)(
+                self.store, b, self.sources[b], grads[b], beta=beta, alpha=alpha,
+                rules=self.rules, constrain=constrain, dask_key_name=f"{name}-{b[0]}-{b[1]}")
+                for b in blocks]
+            return dict(zip(blocks, dask.compute(*tasks, scheduler=scheduler)))
+
+        trial = step(alpha0, False, f"cgtrial-{tag}")
+        (f1,) = dask.compute(graph({**self.sources, **trial}, f"{tag}-ls", {}).sums,
+                             scheduler=scheduler)
+        alpha = cg.line_minimum(float(sums.loss), slope, alpha0, float(f1.loss))
+        log.info("epoch %d: cg beta %.3g, trial step %.3g (loss %.5g -> %.5g), step %.3g",
+                 epoch, beta, alpha0, sums.loss, f1.loss, alpha)
+        new = step(alpha, True, f"cgstep-{tag}")
+        self._cg_alpha = alpha
+        self._apply_step(sums, new, epoch, 0, n)
+        self.commit()
 
     @property
     def curvature_users(self) -> frozenset[str]:
@@ -679,6 +740,10 @@ class Reconstruction:
         self.clock.start_epoch()
         if self.batch == 0 and self._search_due(epoch):
             self._search_positions(epoch, scheduler)
+        if self.spec.name == "cg":  # one step over every tile
+            if self.batch == 0:
+                self.run_cg_iteration(epoch, scheduler)
+            return self._end_epoch(scheduler)
         for b in range(self.batch, len(batches)):
             self.run_minibatch(batches[b], epoch, b, scheduler)
         return self._end_epoch(scheduler)

@@ -113,7 +113,13 @@ def object_optimizer(cfg: RunConfig, model) -> OptimizerSpec:
                     "this", o.step_size, getattr(model, "default_optimizer", "adam"))
     else:
         name = getattr(model, "default_optimizer", "adam")
-    if name != "adam" and not hasattr(model, "object_curvature"):
+    if name == "cg" and (cfg.object.store.value == "memory" or cfg.regularizers):
+        raise ConfigError(
+            "optimizer.name: cg keeps its direction in the on-disk object store and its line "
+            "search evaluates the data term only: use object.store zarr or hdf5 and no "
+            "regularizers (or optimizer.name: adam)"
+        )
+    if name not in ("adam", "cg") and not hasattr(model, "object_curvature"):
         raise ConfigError(
             f"optimizer.name: {name} scales its step by the model's object_curvature, which "
             f"model {cfg.model.kind!r} does not provide; use optimizer.name: adam"
@@ -125,7 +131,7 @@ def object_optimizer(cfg: RunConfig, model) -> OptimizerSpec:
         )
     if o.step_size is not None:
         step = o.step_size
-    elif name != "adam":
+    elif name not in ("adam", "cg"):  # cg: its first trial step, as Adam's (then its own)
         step = getattr(model, "default_object_steps", {}).get(name, DEFAULT_CURVATURE_STEP[name])
     elif getattr(model, "default_adam_step", None) is not None:
         step = model.default_adam_step
@@ -142,7 +148,7 @@ def object_learning_rate(spec: OptimizerSpec, model, params: dict, n_tiles: int)
     """The spec a minibatch of ``n_tiles`` applies: Adam as is, gd/momentum ``step / L``, and
     for pie the damping ``floor L`` (``L`` the curvature where one tile lights a value with the
     probe's peak: rPIE's ``alpha max|P|^2``)."""
-    if spec.name == "adam":
+    if spec.name in ("adam", "cg"):
         return spec
     top = model.object_curvature(params, n_tiles)
     if spec.name == "pie":

@@ -16,7 +16,8 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-STATE_NAMES = {"adam": ("m", "v"), "gd": (), "momentum": ("m",), "pie": ("m",)}
+# cg (the object only, graphs/cg.py) keeps the last gradient and direction
+STATE_NAMES = {"adam": ("m", "v"), "gd": (), "momentum": ("m",), "pie": ("m",), "cg": ("g", "d")}
 
 
 @dataclass(frozen=True)

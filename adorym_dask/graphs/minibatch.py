@@ -163,6 +163,7 @@ def build_minibatch(
     tag: str,
     footprints: dict[int, tuple[int, int, int, int]] | None = None,
     curvature_for: frozenset[str] = frozenset({"positions"}),
+    block_task=None,
 ) -> MinibatchGraph:
     """Build the graph of one optimizer step (see module docstring).
 
@@ -175,6 +176,8 @@ def build_minibatch(
     gradient is zero elsewhere, so only the blocks a footprint overlaps are updated.
     ``curvature_for`` names the parameters whose optimizer uses the model's curvature estimate
     (gd and momentum: a Gauss-Newton step); the tasks estimate it for those only.
+    ``block_task(obj, block, source, *pieces)`` replaces the update of each block (the
+    conjugate gradient's first pass: the block's gradient, no update).
     """
     n_tiles = sum(len(g.tiles) for g in groups)
     refine = frozenset(scopes)
@@ -209,6 +212,10 @@ def build_minibatch(
             obj.block_box(block), obj.shape[2], [pieces[i] for i in touching[block]],
             fan_in=FAN_IN, name=name,
         )
+        if block_task is not None:
+            updates[block] = delayed(block_task, pure=True)(
+                obj, block, sources[block], *parts, dask_key_name=f"blocktask-{tag}-{block[0]}-{block[1]}")
+            continue
         near = {b: borders[b] for b in neighbours(obj, block) if b in borders}
         updates[block] = delayed(update_block, pure=True)(
             obj, block, sources[block], *parts, step=int(block_steps[block]) + 1, spec=spec,
