@@ -19,8 +19,8 @@ from one profile without ever holding the volume.
 
 Measured (2-core x86-64 machine shared with other jobs, torch CPU, distributed 2026.8,
 Python 3.11), with 768 MiB workers and a 3 GiB volume (6144 rows): warm baseline 336-339 MiB,
-peak during the run 438 MiB (spill threshold 537 MiB), no spill, pause or restart; the loss of
-the one gd epoch 0.533 -> 0.515; the run 152 s (hence ``slow``; the far-field out-of-core
+peak during the run 438-452 MiB (spill threshold 537 MiB), no spill, pause or restart; the loss of
+the one gd epoch 0.533 -> 0.515; the run 137-152 s (hence ``slow``; the far-field out-of-core
 test covers the engine's out-of-core path in the default suite). At 576 MiB (the far-field
 test's limit, 2.25 GiB volume) the workers peaked at 420-428 MiB, over that limit's 403 MiB
 spill threshold, and spilled.
