@@ -297,7 +297,8 @@ def test_ptychotomography_at_angle_zero_is_ptychography_of_the_projection(tmp_pa
 
 def test_ptychotomography_reconstruction_lowers_the_loss(tmp_path):
     """End to end on data from the model itself (12^3, 4 angles x 4 tiles): the engine runs
-    the rotated multislice on whole-row slabs, refines the shared probe, and the loss falls."""
+    the rotated multislice on whole-row slabs, refines the shared probe, the positions and the
+    tilts, and the loss falls."""
     model, pos = _pt_setup(tmp_path)
     yy, xx, zz = np.meshgrid(*(np.arange(12) - 5.5,) * 3, indexing="ij")
     vol = np.zeros((12, 12, 12, 2), np.float32)
@@ -320,10 +321,11 @@ def test_ptychotomography_reconstruction_lowers_the_loss(tmp_path):
     res = run(config_from_dict({
         "data": {"path": str(path)}, "model": {"kind": "ptychotomography"},
         "object": {"representation": "delta_beta"}, "epochs": 6, "minibatch_size": 4,
+        "refine": {"positions": {"max_shift_px": 2}, "tilts": {}},
         "output": str(tmp_path / "run.zarr"), "progress": False,
         "cluster": {"scheduler": "sync"}}))
     ds = xr.open_zarr(tmp_path / "run.zarr")
-    assert ds.object.shape == (12, 12, 12, 2)
+    assert ds.object.shape == (16, 16, 16, 2)  # the scan plus the positions' 2 px of room
     assert res.loss[-1] < 0.5 * res.loss[0]
 
 
