@@ -445,3 +445,14 @@ def test_cg_reconstructs_faster_than_art(tmp_path):
             "data": {"path": sim.path}, "model": {"kind": "tomography"},
             "object": {"representation": "delta_beta", "store": "memory"},
             "optimizer": {"name": "cg"}, "output": str(tmp_path / "m.zarr")}))
+
+
+def test_counts_without_incident_photons_are_warned_about(tmp_path, caplog):
+    """Counts of ~1000 in a file without ``incident_photons`` (default 1): the bare beam would
+    be 1000 times the incident one; the log says which attribute to set."""
+    from adorym_dask.engine import Reconstruction
+
+    path = _tiny(tmp_path, intensities=np.full((3, 1, 4, 6), 1000.0, np.float32))
+    with caplog.at_level("WARNING"):
+        Reconstruction(_cfg(tmp_path, path))
+    assert "incident_photons" in caplog.text

@@ -571,6 +571,13 @@ def build_tomography(cfg, meas: Measurements) -> Tomography:
         reach += tilt_halo_px(volume, det_x, centre, max_tilt)
     if "offsets" in refine:
         reach += int(math.ceil(max_offset)) + 1
+    bright = float(np.percentile(read_tiles(meas.source, 0, np.arange(1)), 99.5))
+    if not 0.5 < bright / meas.incident_photons < 2.0:
+        log.warning(
+            "incident_photons is %g but the brightest pixels of projection 1 read %.4g: the "
+            "bare beam should read about incident_photons (absorption only lowers it). Set the "
+            "file's attribute incident_photons to the bare beam's counts per pixel",
+            meas.incident_photons, bright)
     k_chord = min(det_x, n_z) / 2
     model = Tomography(
         geometry=VolumeGeometry(volume, tuple(float(a) for a in meas.angles_rad),
