@@ -139,7 +139,8 @@ class Ptychotomography:
         lab_x = torch.arange(lo[1], hi[1], dtype=dtype) - (n_x - 1) / 2
         lab_z = lab_z_samples(n_x, n_z, dtype=dtype)
         rot = geo.rotations(batch.angle, params.get("tilts"), dtype)
-        centre = ((n_y - 1) / 2 - batch.origin[0], (n_x - 1) / 2, (n_z - 1) / 2)
+        obj_box, origin = geo.inside(obj_box, batch.origin)
+        centre = geo.centre_in(origin)
         lab = rotate_to_lab(obj_box, rot, centre=centre, lab_y=lab_y, lab_x=lab_x,
                             lab_z=lab_z)[0]  # [h, w, d, 2]
         s = self.ptycho.n_slices

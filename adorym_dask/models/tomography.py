@@ -73,14 +73,32 @@ class VolumeGeometry:
         rot = rotation_matrices(theta, tilts.reshape(1, 3) if use else None)
         return rot.to(dtype)
 
-    def line_integrals(self, slab: Tensor, y0: int, rot: Tensor, lab_y: Tensor,
+    def centre_in(self, origin: tuple[int, int]) -> tuple[float, float, float]:
+        """Index coordinates of the rotation centre in a box whose corner is volume pixel
+        ``origin = (y0, x0)`` (the box holds the whole depth)."""
+        n_y, n_x, n_z = self.volume
+        return ((n_y - 1) / 2 - origin[0], (n_x - 1) / 2 - origin[1], (n_z - 1) / 2)
+
+    def inside(self, box: Tensor, origin: tuple[int, int]) -> tuple[Tensor, tuple[int, int]]:
+        """The part of a box ``[h, w, n_z, C]`` (corner at volume pixel ``origin``) that lies
+        inside the volume, and its corner: beyond the volume is vacuum, whatever a box holds."""
+        n_y, n_x, _ = self.volume
+        y0, x0 = max(0, -origin[0]), max(0, -origin[1])
+        y1 = min(box.shape[0], n_y - origin[0])
+        x1 = min(box.shape[1], n_x - origin[1])
+        if (y0, x0, y1, x1) == (0, 0, box.shape[0], box.shape[1]):
+            return box, origin
+        return box[y0:y1, x0:x1], (origin[0] + y0, origin[1] + x0)
+
+    def line_integrals(self, slab: Tensor, origin: tuple[int, int], rot: Tensor, lab_y: Tensor,
                        lab_x: Tensor) -> Tensor:
         """``[h, w, C]`` integrals along the beam (metres times the value) of the slab
-        ``[h_s, n_x, n_z, C]`` whose first row is volume row ``y0``, over lab rows ``lab_y
+        ``[h_s, w_s, n_z, C]`` whose corner is volume pixel ``origin``, over lab rows ``lab_y
         [h]`` and columns ``lab_x [w]`` (voxel units about the rotation centre)."""
-        n_y, n_x, n_z = self.volume
+        _, n_x, n_z = self.volume
         dtype = slab.dtype
-        centre = ((n_y - 1) / 2 - y0, (n_x - 1) / 2, (n_z - 1) / 2)
+        slab, origin = self.inside(slab, origin)
+        centre = self.centre_in(origin)
         out = project(slab, rot, centre=centre, lab_y=lab_y.to(dtype), lab_x=lab_x.to(dtype),
                       lab_z=lab_z_samples(n_x, n_z, dtype=dtype), step=self.pixel_size_m)
         return out[0]
@@ -312,7 +330,7 @@ class Tomography:
         rows = np.floor(params["positions"].detach().numpy()[:, 0]).astype(int)
         lab_y, lab_x = self._lab_coordinates(params, batch, rows)
         rot = self.geometry.rotations(batch.angle, params.get("tilts"), obj_box.dtype)
-        out = self.geometry.line_integrals(obj_box[..., channels], batch.origin[0], rot, lab_y,
+        out = self.geometry.line_integrals(obj_box[..., channels], batch.origin, rot, lab_y,
                                            lab_x)
         return out.reshape(len(rows), self.band + 2 * self.pad_px, *out.shape[1:])
 
@@ -377,21 +395,21 @@ class Tomography:
         return torch.sqrt(pred + 1e-12) if self.loss_kind == "lsq" else pred
 
     def curvature(self, obj_box: Tensor, params: dict[str, Tensor], batch: Batch,
-                  names: frozenset[str] = frozenset()) -> dict[str, Tensor]:
+                  names: frozenset[str] = frozenset(_STEPS)) -> dict[str, Tensor]:
         """Gauss-Newton curvature of the group's summed tile losses in each entry of the
         geometric parameters in ``names`` (tilts ``[3]``, offsets ``[2]``, rotation centre
         ``()``): ``sum_tiles c sum_pixels J^2 / n_pixels`` with ``J`` the derivative of what
         the loss compares, by central differences (2 forward passes per entry), ``c`` 2 for
-        least squares; Poisson weights each pixel by ``1 / prediction``. With it ``gd`` takes
+        least squares, 1 for Poisson, which weights each pixel by ``1 / prediction``. With it ``gd`` takes
         damped Gauss-Newton steps, which shrink as the fit converges (Adam's do not: its
         per-angle tilts kept jittering by about its step)."""
         mask = self.tile_mask(batch.tiles)
         out = {}
         with torch.no_grad():
             base = self._fitted(obj_box, params, batch) if self.loss_kind == "poisson" else None
-            weight = torch.ones(()) if mask is None else mask.to(obj_box.dtype)
-            if base is not None:
-                weight = weight / base.clamp(min=1.0)
+            weight = torch.ones((), dtype=obj_box.dtype) if mask is None else mask.to(obj_box.dtype)
+            if base is not None:  # Poisson: d2/dp2 (p - m ln p) = 1 / p at a fit
+                weight = weight / base.clamp(min=1e-6 * float(base.max()))
             n_pix = (torch.ones(self.band, self.det_shape[1]) * (torch.ones(()) if mask is None
                      else mask.to(obj_box.dtype))).sum(dim=(-2, -1)).clamp(min=1.0)
             for name in sorted(set(names) & set(_STEPS)):
@@ -405,7 +423,7 @@ class Tomography:
                     lo = self._fitted(obj_box, {**params, name: (flat - d).reshape(value.shape)}, batch)
                     jac = (hi - lo) / (2 * _STEPS[name])
                     per_tile = (jac * jac * weight).sum(dim=(-2, -1)) / n_pix
-                    entries.append(2.0 * per_tile.sum())
+                    entries.append((1.0 if base is not None else 2.0) * per_tile.sum())
                 out[name] = torch.stack(entries).reshape(value.shape).to(torch.float64)
         return out
 
