@@ -113,6 +113,10 @@ def object_optimizer(cfg: RunConfig, model) -> OptimizerSpec:
                     "this", o.step_size, getattr(model, "default_optimizer", "adam"))
     else:
         name = getattr(model, "default_optimizer", "adam")
+        if name == "cg" and (cfg.object.store.value == "memory" or cfg.regularizers):
+            name = "gd"  # what cg cannot take (see below): its nearest kin
+            log.info("optimizer: gd (the model's default, cg, needs an on-disk store and no "
+                     "regularizers)")
     if name == "cg" and (cfg.object.store.value == "memory" or cfg.regularizers):
         raise ConfigError(
             "optimizer.name: cg keeps its direction in the on-disk object store and its line "

@@ -232,7 +232,10 @@ class Tomography:
     default_adam_step: float = 1e-8
     representation: str = "delta_beta"
 
-    default_optimizer = "adam"
+    # cg: Adam's per-voxel normalised steps amplify noise in the poorly determined components
+    # (a noisy Data Exchange set, 121 angles, 40 epochs: NRMSE 0.158 against FBP's 0.087;
+    # cg 0.081, gd 0.080); cg converges fastest (10 epochs of a 32x48x48 set: 0.098, gd 0.20)
+    default_optimizer = "cg"
     mix_angles = True  # a minibatch holds bands of several angles
 
     @property
