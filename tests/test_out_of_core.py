@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -108,28 +109,41 @@ def _config(data: Path, probe: Path, output: Path, shape: tuple[int, int]):
     })
 
 
-def test_object_store_four_times_worker_memory(tmp_path):
+@dataclass
+class MemoryRun:
+    """A run on a fresh 2-worker LocalCluster after a warm-up run, with what its workers
+    used and logged."""
+
+    result: object
+    before: dict
+    after: dict
+    baseline: float
+    elapsed: float
+    total: float
+    logs: list
+    restart_events: tuple
+
+    def report(self) -> dict:
+        return {
+            addr: f"after warm-up {self.before[addr]['peak_rss'] / MIB:.0f} MiB, peak "
+            f"{w['peak_rss'] / MIB:.0f} MiB of {w['memory_limit'] / MIB:.0f} MiB"
+            for addr, w in self.after.items()
+        }
+
+
+def run_measured(warm, cfg, limit: int) -> MemoryRun:
+    """Run ``warm`` then ``cfg`` on 2 single-thread worker processes of ``limit`` bytes."""
     from distributed import Client, LocalCluster
 
-    object_bytes = SHAPE[0] * SHAPE[1] * 1 * 2 * 4
-    assert object_bytes >= 4 * LIMIT
-    need = 3 * object_bytes + 256 * MIB
-    free = shutil.disk_usage(tmp_path).free
-    if free < need:
-        pytest.skip(f"needs {need / 2**30:.1f} GiB free disk under {tmp_path}, has "
-                    f"{free / 2**30:.1f} GiB")
-    warm = _config(*_write_scan(tmp_path / "warm", (1024, 1024)), tmp_path / "warm.zarr",
-                   (1024, 1024))
-    cfg = _config(*_write_scan(tmp_path / "big", SHAPE), tmp_path / "run.zarr", SHAPE)
     t0 = time.perf_counter()
     with environ_restored(), LocalCluster(
-        n_workers=2, threads_per_worker=1, memory_limit=LIMIT, processes=True,
+        n_workers=2, threads_per_worker=1, memory_limit=limit, processes=True,
         dashboard_address=None,
     ) as cluster, Client(cluster) as client:
         client.wait_for_workers(2)
         run(warm, client)  # every worker has now run gradient, update and publish tasks
         before = client.run(worker_memory)
-        # The warm-up has one tile group: only the worker that ran it has torch's gradient
+        # The warm-up may have one tile group: only the worker that ran it has torch's gradient
         # working set. Both processes are alike, so the warm baseline is the larger of the two.
         baseline = max(w["peak_rss"] for w in before.values())
         t1 = time.perf_counter()
@@ -143,14 +157,45 @@ def test_object_store_four_times_worker_memory(tmp_path):
             for _, msg in entries
         ]
         restart_events = client.get_events("worker-restart-memory")
+    return MemoryRun(result, before, after, baseline, elapsed, time.perf_counter() - t0, logs,
+                     restart_events)
 
-    report = {
-        addr: f"after warm-up {before[addr]['peak_rss'] / MIB:.0f} MiB, peak "
-        f"{w['peak_rss'] / MIB:.0f} MiB of {w['memory_limit'] / MIB:.0f} MiB"
-        for addr, w in after.items()
-    }
+
+def assert_no_memory_trouble(m: MemoryRun, limit: int, *, growth: float) -> None:
+    """No worker restarted, paused or spilled; each peaked under the pause threshold and at
+    most ``growth`` bytes above the warm baseline."""
+    report = m.report()
+    # no worker restarted: same workers, same processes, no memory-restart event
+    assert set(m.after) == set(m.before)
+    assert all(m.after[a]["pid"] == m.before[a]["pid"] for a in m.after), report
+    assert not m.restart_events
+    assert not [msg for msg in m.logs if any(w in msg for w in RESTARTED)]
+    # none paused, none spilled anything (the object, or any task result)
+    assert not [msg for msg in m.logs if PAUSED in msg]
+    for addr, w in m.after.items():
+        assert w["memory_limit"] == limit
+        assert w["spill_writes"] == 0 and w["spilled_bytes"] == 0 and w["keys_on_disk"] == 0, (
+            addr, w)
+        # peak RSS stayed under the limit, indeed under the pause threshold
+        assert w["peak_rss"] < PAUSE * limit, report
+        assert w["peak_rss"] - m.baseline < growth, report
+
+
+def test_object_store_four_times_worker_memory(tmp_path):
+    object_bytes = SHAPE[0] * SHAPE[1] * 1 * 2 * 4
+    assert object_bytes >= 4 * LIMIT
+    need = 3 * object_bytes + 256 * MIB
+    free = shutil.disk_usage(tmp_path).free
+    if free < need:
+        pytest.skip(f"needs {need / 2**30:.1f} GiB free disk under {tmp_path}, has "
+                    f"{free / 2**30:.1f} GiB")
+    warm = _config(*_write_scan(tmp_path / "warm", (1024, 1024)), tmp_path / "warm.zarr",
+                   (1024, 1024))
+    cfg = _config(*_write_scan(tmp_path / "big", SHAPE), tmp_path / "run.zarr", SHAPE)
+    m = run_measured(warm, cfg, LIMIT)
+    result, baseline = m.result, m.baseline
     print(f"object {object_bytes / MIB:.0f} MiB; warm baseline {baseline / MIB:.0f} MiB; run "
-          f"{elapsed:.1f} s of {time.perf_counter() - t0:.1f} s; workers: {report}")
+          f"{m.elapsed:.1f} s of {m.total:.1f} s; workers: {m.report()}")
     assert baseline < SPILL * LIMIT - 32 * MIB, (
         f"a warm worker already uses {baseline / MIB:.0f} MiB: too close to the spill "
         f"threshold of the {LIMIT / MIB:.0f} MiB limit to test anything here; raise LIMIT "
@@ -161,19 +206,6 @@ def test_object_store_four_times_worker_memory(tmp_path):
     ck = load_checkpoint(cfg.output)
     assert ck.slots.size == (SHAPE[0] // BLOCK_PX) * (SHAPE[1] // BLOCK_PX)
     assert (ck.slots == 1).all(), "every block was read, updated and written once"
-    # no worker restarted: same workers, same processes, no memory-restart event
-    assert set(after) == set(before)
-    assert all(after[a]["pid"] == before[a]["pid"] for a in after), report
-    assert not restart_events
-    assert not [m for m in logs if any(w in m for w in RESTARTED)]
-    # none paused, none spilled anything (the object, or any task result)
-    assert not [m for m in logs if PAUSED in m]
-    for addr, w in after.items():
-        assert w["memory_limit"] == LIMIT
-        assert w["spill_writes"] == 0 and w["spilled_bytes"] == 0 and w["keys_on_disk"] == 0, (
-            addr, w)
-        # peak RSS stayed under the limit, indeed under the pause threshold
-        assert w["peak_rss"] < PAUSE * LIMIT, report
-        # and a worker held no more than a few blocks beyond the warm baseline (object/32 =
-        # 36 blocks of 2 MiB; measured 30-35 MiB)
-        assert w["peak_rss"] - baseline < object_bytes / 32, report
+    # and a worker held no more than a few blocks beyond the warm baseline (object/32 =
+    # 36 blocks of 2 MiB; measured 30-35 MiB)
+    assert_no_memory_trouble(m, LIMIT, growth=object_bytes / 32)

@@ -36,19 +36,16 @@ from __future__ import annotations
 
 import math
 import shutil
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import xarray as xr
 
-from adorym_dask.cluster import environ_restored, worker_memory
 from adorym_dask.config import config_from_dict
-from adorym_dask.engine import run
 from adorym_dask.storage.checkpoint import load_checkpoint
 from adorym_dask.storage.measurements import write_measurements
-from test_out_of_core import MIB, PAUSE, PAUSED, RESTARTED, SPILL
+from test_out_of_core import MIB, SPILL, assert_no_memory_trouble, run_measured
 
 N_X = 256  # = n_z = det_x
 # 768 MiB workers: the far-field test's 576 MiB leave ~60 MiB above a warm worker's 340 MiB
@@ -100,8 +97,6 @@ def _config(data: Path, output: Path):
 
 @pytest.mark.slow
 def test_volume_four_times_worker_memory(tmp_path):
-    from distributed import Client, LocalCluster
-
     volume_bytes = N_Y * N_X * N_X * 2 * 4
     assert volume_bytes >= 4 * LIMIT
     need = 3 * volume_bytes + 256 * MIB
@@ -111,36 +106,12 @@ def test_volume_four_times_worker_memory(tmp_path):
                     f"{free / 2**30:.1f} GiB")
     warm = _config(_write_cylinder(tmp_path / "warm", 2 * BAND), tmp_path / "warm.zarr")
     cfg = _config(_write_cylinder(tmp_path / "big", N_Y), tmp_path / "run.zarr")
-    t0 = time.perf_counter()
-    with environ_restored(), LocalCluster(
-        n_workers=2, threads_per_worker=1, memory_limit=LIMIT, processes=True,
-        dashboard_address=None,
-    ) as cluster, Client(cluster) as client:
-        client.wait_for_workers(2)
-        run(warm, client)  # both workers have run gradient, update and publish tasks
-        before = client.run(worker_memory)
-        baseline = max(w["peak_rss"] for w in before.values())
-        t1 = time.perf_counter()
-        result = run(cfg, client)
-        elapsed = time.perf_counter() - t1
-        after = client.run(worker_memory)
-        logs = [
-            msg
-            for nanny in (False, True)
-            for entries in client.get_worker_logs(n=10_000, nanny=nanny).values()
-            for _, msg in entries
-        ]
-        restart_events = client.get_events("worker-restart-memory")
-
-    report = {
-        addr: f"after warm-up {before[addr]['peak_rss'] / MIB:.0f} MiB, peak "
-        f"{w['peak_rss'] / MIB:.0f} MiB of {w['memory_limit'] / MIB:.0f} MiB"
-        for addr, w in after.items()
-    }
+    m = run_measured(warm, cfg, LIMIT)
+    result, baseline = m.result, m.baseline
     ck = load_checkpoint(cfg.output)
     print(f"volume {volume_bytes / MIB:.0f} MiB; warm baseline {baseline / MIB:.0f} MiB; run "
-          f"{elapsed:.1f} s of {time.perf_counter() - t0:.1f} s; loss {ck.start_loss:.4g} -> "
-          f"{result.loss}; workers: {report}")
+          f"{m.elapsed:.1f} s of {m.total:.1f} s; loss {ck.start_loss:.4g} -> "
+          f"{result.loss}; workers: {m.report()}")
     assert baseline < SPILL * LIMIT - 32 * MIB, (
         f"a warm worker already uses {baseline / MIB:.0f} MiB: too close to the spill "
         f"threshold of the {LIMIT / MIB:.0f} MiB limit to test anything here")
@@ -160,18 +131,8 @@ def test_volume_four_times_worker_memory(tmp_path):
     for y in (0, N_Y // 2, N_Y - 1):
         beta = obj[y, N_X // 2 - 8 : N_X // 2 + 8, N_X // 2 - 8 : N_X // 2 + 8, 1].values
         assert np.isfinite(beta).all() and (beta > 0).all(), y
-    # no worker restarted, paused or spilled
-    assert set(after) == set(before)
-    assert all(after[a]["pid"] == before[a]["pid"] for a in after), report
-    assert not restart_events
-    assert not [m for m in logs if any(w in m for w in RESTARTED)]
-    assert not [m for m in logs if PAUSED in m]
-    for addr, w in after.items():
-        assert w["memory_limit"] == LIMIT
-        assert w["spill_writes"] == 0 and w["spilled_bytes"] == 0 and w["keys_on_disk"] == 0, (
-            addr, w)
-        assert w["peak_rss"] < PAUSE * LIMIT, report
-        # a worker's memory does not grow with the volume: at most 128 MiB (a 24th of the
-        # 3 GiB volume) above the warm baseline: the block cache (5 % of the limit, 38 MiB),
-        # one task's slab, rotation and gradient (~40 MiB) and pieces waiting for updates
-        assert w["peak_rss"] - baseline < 128 * MIB, report
+    # no worker restarted, paused or spilled; a worker's memory does not grow with the
+    # volume: at most 128 MiB (a 24th of the 3 GiB volume) above the warm baseline: the block
+    # cache (5 % of the limit, 38 MiB), one task's slab, rotation and gradient (~40 MiB) and
+    # pieces waiting for updates
+    assert_no_memory_trouble(m, LIMIT, growth=128 * MIB)
