@@ -23,6 +23,7 @@ amplitudes (lsq) or intensities (poisson), as in holography.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from dataclasses import dataclass, replace
@@ -127,6 +128,12 @@ def _rotation(theta: float, tilts: tuple[float, float, float] = (0.0, 0.0, 0.0))
 
 
 def tilt_gauge_patterns(angles_rad: np.ndarray, eps: float = 1e-6) -> np.ndarray:
+    """See :func:`_tilt_gauge_patterns` (cached: the driver removes the gauge every step)."""
+    return _tilt_gauge_patterns(tuple(float(a) for a in np.ravel(angles_rad)), eps).copy()
+
+
+@functools.lru_cache(maxsize=8)
+def _tilt_gauge_patterns(angles_rad: tuple[float, ...], eps: float) -> np.ndarray:
     """``[2, n_angles, 3]``: the per-angle tilts ``(t_y, t_x, t_z)`` that re-orienting the
     object by a small rotation about its x (pattern 0) or z axis (pattern 1) is equivalent to,
     per radian of it.
