@@ -1,10 +1,20 @@
-"""PNG summaries of a run: object phase, probe, loss curve, and refined positions."""
+"""PNG summaries of a run: object slices, probe modes, loss curve, refined positions and the
+other refined parameters (initial against refined), for every model."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
+
+from adorym_dask.plotting_parameters import (  # noqa: F401  (re-exported)
+    ParameterRow,
+    refined_parameters,
+    save_parameters_png,
+)
+
+#: at most this many slices of a multislice object get a panel (evenly spaced)
+MAX_SLICE_PANELS = 8
 
 
 def object_phase(obj: np.ndarray, representation: str, *, slice_index: int = 0) -> np.ndarray:
@@ -71,7 +81,8 @@ def save_summary_png(
         y0, x0, h, w = (int(v) for v in field_box)
         obj = obj[y0 : y0 + h, x0 : x0 + w]
         extra = 1
-    n_z = obj.shape[2]
+    shown = _slices_shown(obj.shape[2])
+    n_z = len(shown)
     panels = n_z + extra + (probe is not None) + 1
     fig, ax = plt.subplots(1, panels, figsize=(4.3 * panels, 4))
     if extra:
@@ -80,12 +91,19 @@ def save_summary_png(
         im = ax[n_z].imshow(mag, cmap="gray")
         ax[n_z].set_title("object |T|" if representation == "real_imag" else "object beta")
         fig.colorbar(im, ax=ax[n_z])
-    for z in range(n_z):
-        im = ax[z].imshow(object_phase(obj, representation, slice_index=z), cmap="gray")
+    for k, z in enumerate(shown):
+        im = ax[k].imshow(object_phase(obj, representation, slice_index=z), cmap="gray")
         label = "phase (rad)" if representation == "real_imag" else "-delta"
-        ax[z].set_title(f"object {label}" + (f", slice {z}" if n_z > 1 else ""))
-        fig.colorbar(im, ax=ax[z])
+        ax[k].set_title(f"object {label}" + (f", slice {z}" if obj.shape[2] > 1 else ""))
+        fig.colorbar(im, ax=ax[k])
     return _finish(fig, ax, path, probe, n_z + extra, loss)
+
+
+def _slices_shown(n_z: int) -> list[int]:
+    """Every slice, or :data:`MAX_SLICE_PANELS` evenly spaced ones (first and last included)."""
+    if n_z <= MAX_SLICE_PANELS:
+        return list(range(n_z))
+    return sorted({int(round(v)) for v in np.linspace(0, n_z - 1, MAX_SLICE_PANELS)})
 
 
 def save_positions_png(
@@ -156,24 +174,91 @@ def save_volume_png(path: str | Path, *, obj: np.ndarray, probe: np.ndarray | No
     return _finish(fig, ax, path, probe, len(views), loss)
 
 
+def save_probe_png(path: str | Path, probe: np.ndarray, *,
+                   power: np.ndarray | None = None) -> Path:
+    """Every probe mode: magnitude (top row) and phase (bottom row), one column per mode.
+
+    Parameters
+    ----------
+    probe : ndarray
+        ``[M, py, px]`` complex modes, or an illumination ``[py, px]``.
+    power : ndarray, optional
+        ``[M]`` each mode's share of the total power (default: computed from ``probe``).
+    """
+    from adorym_dask.parameters import mode_power_fractions
+
+    plt = _pyplot()
+    probe = probe if probe.ndim == 3 else probe[None]
+    power = mode_power_fractions(probe) if power is None else np.asarray(power)
+    m = probe.shape[0]
+    fig, ax = plt.subplots(2, m, figsize=(3.4 * m, 6.4), squeeze=False)
+    for k in range(m):
+        im = ax[0, k].imshow(np.abs(probe[k]), cmap="viridis")
+        ax[0, k].set_title(f"|mode {k}|, {100 * float(power[k]):.1f} % of power")
+        fig.colorbar(im, ax=ax[0, k])
+        im = ax[1, k].imshow(np.angle(probe[k]), cmap="twilight", vmin=-np.pi, vmax=np.pi)
+        ax[1, k].set_title(f"phase of mode {k} (rad)")
+        fig.colorbar(im, ax=ax[1, k])
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return Path(path)
+
+
 VOLUME_MODELS = ("tomography", "ptychotomography")
 
 
+def _as_result(result):
+    """A :class:`~adorym_dask.engine.RunResult`, or one made from a run store's path."""
+    if not isinstance(result, (str, Path)):
+        return result
+    import xarray as xr
+
+    from adorym_dask.storage import location
+    from adorym_dask.storage.results import RunResult
+
+    ds = xr.open_zarr(location.zarr_store(str(result)))
+    params = {}
+    if "probe" in ds:
+        p = ds["probe"].values
+        params["probe"] = p[..., 0] + 1j * p[..., 1]
+    loss = ds["loss"].values.tolist() if "loss" in ds else []
+    return RunResult(result, loss, params, np.asarray(ds.attrs.get("position_offset_px", [0, 0])))
+
+
+def _sibling(path: str | Path, suffix: str) -> Path:
+    return Path(path).with_name(f"{Path(path).stem}_{suffix}.png")
+
+
 def save_run_pngs(path: str | Path, result) -> list[Path]:
-    """The summary PNG at ``path`` and, when positions were refined, ``<stem>_positions.png``
-    beside it. ``result`` is a :class:`~adorym_dask.engine.RunResult`."""
+    """The summary PNG at ``path`` (object slices, the probe's first mode, the loss; for
+    tomographic models three views of the volume) and beside it, where they apply:
+    ``<stem>_positions.png`` (refined positions), ``<stem>_probe.png`` (every mode, when there
+    are several) and ``<stem>_parameters.png`` (every other refined parameter, initial against
+    refined: distances, alignment, tilts, offsets, kappa, rotation centre, slice spacings).
+
+    ``result`` is a :class:`~adorym_dask.engine.RunResult` or the path of a run store.
+    Returns the paths written, the summary first.
+    """
+    result = _as_result(result)
     ds = result.open()
+    probe = result.params.get("probe")
     if ds.attrs.get("config", {}).get("model", {}).get("kind") in VOLUME_MODELS:
-        return [save_volume_png(path, obj=result.object(), probe=result.params.get("probe"),
-                                loss=result.loss)]
-    out = [save_summary_png(
-        path, obj=result.object(), representation=ds.attrs["representation"],
-        probe=result.params.get("probe"), loss=result.loss,
-        field_box=ds.attrs.get("field_box_px"),
-    )]
+        out = [save_volume_png(path, obj=result.object(), probe=probe, loss=result.loss)]
+    else:
+        out = [save_summary_png(
+            path, obj=result.object(), representation=ds.attrs["representation"],
+            probe=probe, loss=result.loss, field_box=ds.attrs.get("field_box_px"),
+        )]
     if "positions_px_initial" in ds:
-        png = Path(path).with_name(f"{Path(path).stem}_positions.png")
         out.append(save_positions_png(
-            png, initial=ds["positions_px_initial"].values, refined=ds["positions_px"].values
+            _sibling(path, "positions"), initial=ds["positions_px_initial"].values,
+            refined=ds["positions_px"].values,
         ))
+    if probe is not None and np.ndim(probe) == 3 and probe.shape[0] > 1:
+        power = ds["probe_mode_power"].values if "probe_mode_power" in ds else None
+        out.append(save_probe_png(_sibling(path, "probe"), probe, power=power))
+    rows = [r for r in refined_parameters(ds) if r.name != "positions_px"]
+    if rows:
+        out.append(save_parameters_png(_sibling(path, "parameters"), rows))
     return out

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from adorym_dask.scans import _scan_extent, fermat_spiral_scan, raster_scan
 
@@ -268,6 +269,7 @@ def simulate_ptychography(
     batch_size: int = 64,
     seed: int = 0,
     overwrite: bool = False,
+    progress: bool = True,
 ) -> SimulationResult:
     """Simulate a far-field ptychography data set and write it to disk.
 
@@ -325,6 +327,8 @@ def simulate_ptychography(
         Seed for the scan, probe modes and noise.
     overwrite : bool, optional
         Allow replacing existing output files.
+    progress : bool, optional
+        Show a progress bar over the tile batches (terminal or notebook).
 
     Returns
     -------
@@ -432,6 +436,8 @@ def simulate_ptychography(
     slices = torch.from_numpy(np.ascontiguousarray(np.moveaxis(o, 2, 0)).astype(np.complex64))
     n = len(pos)
     intens = np.zeros((n, py, px), dtype=np.float64)
+    bar = tqdm(total=n * len(travel), desc="simulating patterns", unit="pattern",
+               disable=not progress)
     with torch.no_grad():
         for dx in travel:
             sub = pos + np.array([0.0, dx])
@@ -443,6 +449,8 @@ def simulate_ptychography(
                 fs = torch.from_numpy(frac[sl].astype(np.float32))
                 out = farfield_intensities(probe_t, patches, fs, transfer_function=tf)
                 intens[sl] += out.detach().cpu().numpy() / len(travel)
+                bar.update(sl.stop - sl.start)
+    bar.close()
     intens = intens.astype(np.float32)
     rng = np.random.default_rng(seed)
     if poisson_noise:
@@ -534,6 +542,7 @@ def add_simulate_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace existing output files")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     from adorym_dask.simulate_holography import add_holography_arguments
     from adorym_dask.simulate_tomography import add_tomography_arguments
 
@@ -573,6 +582,7 @@ def run_simulate(args: argparse.Namespace) -> int:
             pixel_size_m=args.pixel_size_m,
             seed=args.seed,
             overwrite=args.overwrite,
+            progress=not getattr(args, "no_progress", False),
         )
     except FileExistsError as exc:
         print(f"error: {exc}")

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from tqdm.auto import tqdm
 
 __all__ = ["HolographySimulation", "random_affines", "simulate_holography",
            "add_holography_arguments", "sample_image"]
@@ -118,12 +119,14 @@ def simulate_holography(
     kappa: float | None = None,
     seed: int = 0,
     overwrite: bool = False,
+    progress: bool = True,
 ) -> HolographySimulation:
     """Write holograms of a ``size_px`` square sample in the native layout (see module doc).
 
     With ``kappa`` the sample is homogeneous: its phase image sets delta, beta = kappa delta
     (one-pixel-thick slab), and the magnitude image is not used.
-    ``incident_photons`` is each hologram's bare-beam counts per pixel.
+    ``incident_photons`` is each hologram's bare-beam counts per pixel. ``progress`` shows a
+    bar over the holograms (terminal or notebook).
     """
     from scipy.ndimage import map_coordinates
 
@@ -150,7 +153,8 @@ def simulate_holography(
     c = (n - 1) / 2
     ry, rx = np.meshgrid(np.arange(n) - c, np.arange(n) - c, indexing="ij")
     holos = []
-    for z, a in zip(dist, affine):
+    for z, a in tqdm(list(zip(dist, affine)), desc="simulating holograms", unit="hologram",
+                     disable=not progress):
         # the detector samples |psi|^2 at the aligned points: the wave is interpolated (exact
         # Fourier interpolation to a 4x grid, then cubic splines), and squared
         fine = _propagated_fine(field, z, wavelength, pixel_size_m)
@@ -206,6 +210,7 @@ def add_holography_arguments(sub) -> None:
                    help="homogeneous sample: beta = kappa delta from the phase image")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def run_holography(args: argparse.Namespace) -> int:
@@ -218,7 +223,7 @@ def run_holography(args: argparse.Namespace) -> int:
         poisson=args.poisson, magnitude_image=args.magnitude_image,
         phase_image=args.phase_image, kappa=args.kappa, seed=args.seed,
         magnitude_range=tuple(args.magnitude_range), phase_range_rad=tuple(args.phase_range_rad),
-        overwrite=args.overwrite,
+        overwrite=args.overwrite, progress=not getattr(args, "no_progress", False),
     )
     print(f"wrote {res.path} ({len(res.distances_m)} holograms of {args.size}x{args.size}, "
           f"distances {np.round(res.start_distances_m, 4).tolist()} m written, true "

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from adorym_dask.physics.rotation import lab_z_samples, project, rotation_matrices
 from adorym_dask.storage.measurements import write_measurements
@@ -66,9 +67,10 @@ def random_ellipsoid_volume(shape: tuple[int, int, int], n_features: int,
 
 
 def _project_fine(fine: np.ndarray, angles: np.ndarray, tilts: np.ndarray,
-                  offsets: np.ndarray, centre_px: float, det: tuple[int, int]) -> np.ndarray:
+                  offsets: np.ndarray, centre_px: float, det: tuple[int, int], *,
+                  progress: bool = False) -> np.ndarray:
     """``[n_angles, det_y, det_x]`` line integrals (pixel units) of the fine volume: rays at
-    every half pixel, binned 2 x 2."""
+    every half pixel, binned 2 x 2; ``progress`` shows a bar over the angles."""
     vol = torch.as_tensor(fine[..., None], dtype=torch.float64)
     n_y, n_x, n_z = (s // FINE for s in fine.shape)
     dy, dx = det
@@ -78,7 +80,8 @@ def _project_fine(fine: np.ndarray, angles: np.ndarray, tilts: np.ndarray,
     lab_z = lab_z_samples(fine.shape[1], fine.shape[2], dtype=torch.float64)
     centre = tuple((s - 1) / 2 for s in fine.shape)
     out = np.empty((len(angles), dy, dx))
-    for a in range(len(angles)):
+    for a in tqdm(range(len(angles)), desc="simulating projections", unit="angle",
+                  disable=not progress):
         rot = rotation_matrices(torch.tensor([angles[a]]), torch.as_tensor(tilts[a : a + 1]))
         lab_y = torch.as_tensor((rows - offsets[a, 0]) * FINE)
         lab_x = torch.as_tensor((cols.reshape(-1) - offsets[a, 1] - centre_px) * FINE)
@@ -95,7 +98,7 @@ def simulate_tomography(
     tilt_deg: tuple[float, float] = (0.0, 0.0), offset_px: float = 0.0,
     centre_shift_px: float = 0.0, distance_m: float | None = None,
     incident_photons: float = 1e4, poisson: bool = True, n_features: int = 12,
-    seed: int = 0, overwrite: bool = False,
+    seed: int = 0, overwrite: bool = False, progress: bool = True,
 ) -> TomographySimulation:
     """Write a tomography data set in the native layout (see the module docstring).
 
@@ -113,6 +116,8 @@ def simulate_tomography(
         The rotation axis's column minus the detector's middle column.
     distance_m : float, optional
         Near-field propagation distance (then ``delta_per_beta`` should be > 0).
+    progress : bool
+        Show a progress bar over the angles (terminal or notebook).
     """
     rng = np.random.default_rng(seed)
     fine_shape = tuple(FINE * s for s in shape)
@@ -124,7 +129,8 @@ def simulate_tomography(
     offsets -= offsets.mean(axis=0)
     det = (shape[0], shape[1])
     centre = (det[1] - 1) / 2 + centre_shift_px
-    li = _project_fine(fine, angles, tilts, offsets, centre, det)  # pixels * value
+    li = _project_fine(fine, angles, tilts, offsets, centre, det,
+                       progress=progress)  # pixels * value
     wavelength = HC_EV_M / energy_ev
     k = 2 * math.pi / wavelength
     scale = max_optical_density / (2 * k * pixel_size_m * max(li[0].max(), 1e-12))
@@ -191,6 +197,7 @@ def add_tomography_arguments(sub) -> None:
     p.add_argument("--features", type=int, default=12)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def run_tomography(args: argparse.Namespace) -> int:
@@ -202,7 +209,7 @@ def run_tomography(args: argparse.Namespace) -> int:
         offset_px=args.offset_px, centre_shift_px=args.centre_shift_px,
         distance_m=args.distance_m, incident_photons=args.incident_photons,
         poisson=not args.no_poisson, n_features=args.features, seed=args.seed,
-        overwrite=args.overwrite,
+        overwrite=args.overwrite, progress=not getattr(args, "no_progress", False),
     )
     print(f"wrote {res.path} ({len(res.angles_rad)} projections of {tuple(args.shape[:2])}, "
           f"volume {tuple(args.shape)}, rotation centre {res.rotation_centre_px:.2f})")
