@@ -1,14 +1,20 @@
-"""Dask client set-up: a LocalCluster by default, or a running scheduler's address."""
+"""Dask client set-up: a LocalCluster by default, dask-jobqueue batch jobs, or a running
+scheduler's address; every cluster gets the torch-threads plugin and the dashboard page."""
 
 from __future__ import annotations
 
+import logging
 import os
+import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
+from typing import Any
 
 from distributed import Client, LocalCluster, WorkerPlugin
 
-from adorym_dask.config import ClusterConfig
+from adorym_dask.config import JOBQUEUE_KINDS, ClusterConfig, ConfigError
+
+log = logging.getLogger(__name__)
 
 
 class TorchThreads(WorkerPlugin):
@@ -26,35 +32,237 @@ class TorchThreads(WorkerPlugin):
         torch.set_num_threads(1)
 
 
+DASHBOARD_PRELOAD = "adorym_dask.dashboard"
+# jobqueue keywords that a run file's value would *replace* in the site's YAML (dask-jobqueue
+# does not merge them): we merge them ourselves, dicts key by key and lists extended.
+_MERGED = {"scheduler_options": dict, "job_extra_directives": list, "worker_extra_args": list,
+           "job_script_prologue": list, "job_directives_skip": list}
+
+
+def _cluster_class(kind: str) -> type:
+    import dask_jobqueue
+
+    return {"slurm": dask_jobqueue.SLURMCluster, "pbs": dask_jobqueue.PBSCluster,
+            "sge": dask_jobqueue.SGECluster}[kind]
+
+
+def walltime_seconds(walltime: str) -> float:
+    """Seconds of a batch walltime: ``[D-]HH:MM:SS``, ``HH:MM``, ``MM`` (SLURM/PBS forms)."""
+    text = str(walltime).strip()
+    days = 0
+    if "-" in text:
+        d, text = text.split("-", 1)
+        days = int(d)
+    parts = [float(p) for p in text.split(":")]
+    if len(parts) == 1:  # minutes (SLURM's bare number)
+        seconds = parts[0] * 60
+    elif len(parts) == 2 and days:  # D-HH:MM
+        seconds = parts[0] * 3600 + parts[1] * 60
+    elif len(parts) == 2:  # MM:SS
+        seconds = parts[0] * 60 + parts[1]
+    else:
+        seconds = parts[-3] * 3600 + parts[-2] * 60 + parts[-1]
+    return days * 86400 + seconds
+
+
+def _lifetime_args(cfg: ClusterConfig, walltime: str | None) -> list[str]:
+    """``--lifetime`` and ``--lifetime-stagger`` for the workers (see ClusterConfig)."""
+    if cfg.worker_lifetime is None:
+        return []
+    if cfg.worker_lifetime == "auto":
+        if not walltime:
+            return []
+        seconds = 0.9 * walltime_seconds(walltime)
+        lifetime = f"{int(seconds)}s"
+        stagger = cfg.worker_lifetime_stagger or f"{max(1, int(0.05 * seconds))}s"
+    else:
+        lifetime = cfg.worker_lifetime
+        if cfg.worker_lifetime_stagger:
+            stagger = cfg.worker_lifetime_stagger
+        else:
+            from dask.utils import parse_timedelta
+
+            stagger = f"{max(1, int(0.05 * parse_timedelta(lifetime)))}s"
+    return ["--lifetime", lifetime, "--lifetime-stagger", stagger]
+
+
+def jobqueue_kwargs(cfg: ClusterConfig) -> dict[str, Any]:
+    """The keyword arguments for dask-jobqueue's cluster class of ``cfg.kind``.
+
+    The site's settings (dask config ``jobqueue.<kind>``, from ``jobqueue.yaml``) stay in
+    force: keywords not in ``cfg.jobqueue`` are left to dask-jobqueue, which reads them from
+    there. ``scheduler_options``, ``job_extra_directives``, ``worker_extra_args``,
+    ``job_script_prologue`` and ``job_directives_skip`` would *replace* the YAML's value when
+    passed, so they are merged here (dicts key by key, the run file winning; lists extended).
+    The dashboard page is preloaded on the scheduler, the dashboard listens on
+    ``cfg.dashboard_address`` unless the YAML or run file set one, and the workers get a
+    staggered ``--lifetime`` before the walltime (:class:`ClusterConfig.worker_lifetime`).
+    """
+    import dask
+
+    kind = cfg.kind.value
+    kw = {str(k).replace("-", "_"): v for k, v in cfg.jobqueue.items()}
+    for key, kind_of in _MERGED.items():
+        site = dask.config.get(f"jobqueue.{kind}.{key.replace('_', '-')}", default=None)
+        mine = kw.get(key)
+        if mine is not None and not isinstance(mine, kind_of):
+            raise ConfigError(f"cluster.jobqueue.{key} must be a {kind_of.__name__}, not "
+                              f"{type(mine).__name__}: {mine!r}")
+        if kind_of is dict:
+            kw[key] = {**(site or {}), **(mine or {})}
+        else:
+            kw[key] = [*(site or []), *[x for x in (mine or []) if x not in (site or [])]]
+    opts = kw["scheduler_options"]
+    preload = opts.get("preload") or []
+    preload = [preload] if isinstance(preload, str) else list(preload)
+    if DASHBOARD_PRELOAD not in preload:
+        preload.append(DASHBOARD_PRELOAD)
+    opts["preload"] = preload
+    if "dashboard_address" not in opts and cfg.dashboard_address is not None:
+        opts["dashboard_address"] = cfg.dashboard_address
+    walltime = kw.get("walltime") or dask.config.get(f"jobqueue.{kind}.walltime", default=None)
+    if not any(str(a).startswith("--lifetime") for a in kw["worker_extra_args"]):
+        kw["worker_extra_args"] += _lifetime_args(cfg, walltime)
+    return kw
+
+
+def _start_jobqueue(cfg: ClusterConfig):
+    """A dask-jobqueue cluster scaled to ``cfg.n_workers`` (kept there when workers leave)."""
+    kw = jobqueue_kwargs(cfg)
+    try:
+        cluster = _cluster_class(cfg.kind.value)(**kw)
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"cluster.jobqueue (with the site's jobqueue.{cfg.kind.value} config): "
+                          f"{err}. Set the missing option under cluster.jobqueue or in "
+                          "~/.config/dask/jobqueue.yaml (see deploy/)") from None
+    if any(str(a) == "--lifetime" for a in kw["worker_extra_args"]):
+        # workers leave before the walltime: adapt keeps n_workers by submitting new jobs
+        cluster.adapt(minimum=cfg.n_workers, maximum=cfg.n_workers)
+    else:
+        cluster.scale(n=cfg.n_workers)
+    log.info("submitted %d %s job(s) for %d worker(s); the scheduler runs here at %s",
+             len(cluster.worker_spec), cfg.kind.value, cfg.n_workers, cluster.scheduler_address)
+    return cluster
+
+
+def start_cluster(cfg: ClusterConfig):
+    """Start the cluster ``cfg`` describes (``local`` or a jobqueue kind); the caller closes it."""
+    if cfg.kind.value in JOBQUEUE_KINDS:
+        return _start_jobqueue(cfg)
+    return LocalCluster(
+        n_workers=cfg.n_workers,
+        threads_per_worker=cfg.threads_per_worker,
+        memory_limit=cfg.memory_limit,
+        processes=True,
+        dashboard_address=cfg.dashboard_address,
+        scheduler_kwargs={"preload": [DASHBOARD_PRELOAD]},
+    )
+
+
+def prepare_client(client: Client) -> None:
+    """What every cluster we run on gets: one torch thread per worker thread, the page."""
+    from adorym_dask.dashboard import ensure_page
+
+    client.register_plugin(TorchThreads())
+    page = ensure_page(client)
+    if page:
+        log.info("dashboard page: %s", page)
+
+
+@contextmanager
+def open_cluster(cfg: ClusterConfig) -> Iterator[tuple[Any, Client]]:
+    """Start (local, jobqueue kinds) or join (``address``) the cluster of ``cfg``.
+
+    Yields ``(cluster, client)``; ``cluster`` is None for ``address``. What was started is
+    closed on exit (jobqueue jobs are cancelled).
+    """
+    if cfg.kind.value == "address":
+        cluster = None
+        try:
+            own = Client(cfg.address, timeout="30s")
+        except OSError as err:
+            raise ConfigError(f"cluster.address {cfg.address}: no scheduler answers ({err}). "
+                              "Start one (adorym-dask cluster slurm ..., dask scheduler) or fix "
+                              "the address") from None
+    else:
+        cluster = start_cluster(cfg)
+        own = Client(cluster)
+    try:
+        prepare_client(own)
+        yield cluster, own
+    finally:
+        own.close()
+        if cluster is not None:
+            cluster.close()
+
+
 @contextmanager
 def dask_client(cfg: ClusterConfig, client: Client | None = None) -> Iterator[Client | None]:
     """Yield the client to run on (None under the sync scheduler); close what we started."""
     if client is not None:
-        client.register_plugin(TorchThreads())
+        prepare_client(client)
         yield client
         return
     if cfg.scheduler.value == "sync":
         yield None
         return
-    if cfg.address:
-        own = Client(cfg.address)
-        cluster = None
-    else:
-        cluster = LocalCluster(
-            n_workers=cfg.n_workers,
-            threads_per_worker=cfg.threads_per_worker,
-            memory_limit=cfg.memory_limit,
-            processes=True,
-            dashboard_address=cfg.dashboard_address,
-        )
-        own = Client(cluster)
-    try:
-        own.register_plugin(TorchThreads())
+    with open_cluster(cfg) as (_, own):
         yield own
+
+
+def _sees(paths: list[tuple[str, str, int | None]]) -> list[str]:
+    """On a worker: which of ``(what, path, size)`` it cannot see as the driver saw them."""
+    import socket
+
+    host = socket.gethostname()
+    missing = []
+    for what, path, size in paths:
+        if not os.path.exists(path):
+            missing.append(f"{what} is not visible on worker host {host}")
+        elif size is not None and os.path.isfile(path) and os.path.getsize(path) != size:
+            missing.append(f"{what} is another file on worker host {host} "
+                           f"({os.path.getsize(path)} bytes, {size} here)")
+    return missing
+
+
+def check_shared_paths(client: Client, *, read: list[str], write: list[str]) -> None:
+    """Check that the workers see the data (``read``) and the output folders (``write``).
+
+    A marker file written here into each output folder must be visible to a worker: a folder of
+    the same name on another machine (``/tmp`` of a login node) is not enough. URLs (s3://, ...)
+    are not checked. Raises :class:`ConfigError` naming the path and the fix.
+    """
+    from adorym_dask.storage import location
+
+    checks, markers = [], []
+    for path in read:
+        if path and not location.is_url(str(path)) and os.path.exists(path):
+            size = os.path.getsize(path) if os.path.isfile(path) else None
+            checks.append((f"data file {os.path.abspath(path)}", os.path.abspath(path), size))
+    for folder in write:
+        if folder and not location.is_url(str(folder)) and os.path.isdir(folder):
+            marker = os.path.join(os.path.abspath(folder), f".adorym-visible-{uuid.uuid4().hex}")
+            try:
+                with open(marker, "w") as fh:
+                    fh.write("written by the driver to check the workers see this folder\n")
+            except OSError:
+                continue  # the run's own write check reports this
+            markers.append(marker)
+            checks.append((f"output folder {os.path.abspath(folder)} (a file written into it "
+                           "here)", marker, None))
+    if not checks:
+        return
+    try:
+        missing = client.submit(_sees, checks, pure=False).result()
     finally:
-        own.close()
-        if cluster is not None:
-            cluster.close()
+        for marker in markers:
+            with suppress(OSError):
+                os.remove(marker)
+    if missing:
+        raise ConfigError(
+            "the workers cannot see the run's files: " + "; ".join(missing) + ". Put data.path and output on a filesystem every node mounts (not /tmp of "
+            "this machine), e.g. your home or project folder"
+        )
 
 
 @contextmanager

@@ -477,15 +477,79 @@ class Scheduler(str, enum.Enum):
     sync = "sync"
 
 
+class ClusterKind(str, enum.Enum):
+    local = "local"      # a LocalCluster in this process (the default)
+    address = "address"  # a running scheduler (``adorym-dask cluster slurm``, ``dask scheduler``)
+    slurm = "slurm"      # dask-jobqueue: workers are batch jobs, the scheduler runs here
+    pbs = "pbs"
+    sge = "sge"
+
+
+JOBQUEUE_KINDS = ("slurm", "pbs", "sge")
+
+
 class ClusterConfig(_Strict):
-    n_workers: int = Field(2, ge=1)
+    """Where the tasks run.
+
+    ``kind`` defaults to ``local`` (a LocalCluster), or ``address`` when ``address`` is given.
+    For ``slurm``/``pbs``/``sge`` the workers are batch jobs started by dask-jobqueue: its
+    keyword arguments come from the site's dask config (``jobqueue.<kind>`` in
+    ``~/.config/dask/jobqueue.yaml``) with ``jobqueue`` of the run file merged over them
+    (dicts key by key, lists extended), see :func:`adorym_dask.cluster.jobqueue_kwargs`.
+    """
+
+    kind: ClusterKind | None = Field(
+        None, description="local | address | slurm | pbs | sge (default: local, or address "
+        "when 'address' is given)",
+    )
+    n_workers: int = Field(2, ge=1, description="workers (jobqueue kinds: scaled to this many)")
     threads_per_worker: int = Field(1, ge=1)
     memory_limit: str = "auto"
     address: str | None = Field(None, description="connect to a running scheduler instead")
     scheduler: Scheduler = Field(
         Scheduler.distributed, description="'sync' runs every task in-process (debugging)"
     )
-    dashboard_address: str | None = ":0"
+    dashboard_address: str | None = Field(
+        "127.0.0.1:0", description="where the dashboard of a scheduler we start listens "
+        "(loopback by default; ':8787' for every interface; null for none)",
+    )
+    jobqueue: dict[str, Any] = Field(
+        default_factory=dict, description="keyword arguments of dask-jobqueue's cluster class "
+        "(cores, processes, memory, queue, walltime, account, job_extra_directives, ...), "
+        "merged over the site's dask config jobqueue.<kind>",
+    )
+    worker_lifetime: str | None = Field(
+        "auto", description="jobqueue kinds: workers leave before their job's walltime, "
+        "staggered, and new jobs replace them ('auto': 90 % of the walltime; e.g. '50m'; "
+        "null: never)",
+    )
+    worker_lifetime_stagger: str | None = Field(
+        None, description="spread of the leaving times (default 5 % of the lifetime)"
+    )
+
+    @model_validator(mode="after")
+    def _kind(self) -> "ClusterConfig":
+        if self.kind is None:
+            object.__setattr__(self, "kind", ClusterKind.address if self.address else ClusterKind.local)
+        if self.kind is ClusterKind.address and not self.address:
+            raise ValueError("cluster.kind 'address' needs cluster.address (e.g. tcp://host:8786)")
+        if self.address and self.kind is not ClusterKind.address:
+            raise ValueError(f"cluster.address is given but cluster.kind is '{self.kind.value}': "
+                             "drop one of them (kind 'address' connects to a running scheduler)")
+        if self.jobqueue and self.kind.value not in JOBQUEUE_KINDS:
+            raise ValueError(f"cluster.jobqueue applies to kind slurm, pbs or sge, not "
+                             f"'{self.kind.value}': set cluster.kind")
+        return self
+
+
+class DashboardConfig(_Strict):
+    """What the run shows on the scheduler's dashboard page ``/adorym`` (distributed runs)."""
+
+    enabled: bool = True
+    slice_index: int | None = Field(
+        None, description="object slice (z index) shown; default the middle one"
+    )
+    max_px: int = Field(192, ge=16, le=1024, description="largest side of the pictures sent")
 
 
 class RunConfig(_Strict):
@@ -515,6 +579,7 @@ class RunConfig(_Strict):
     )
     overwrite: bool = False
     cluster: ClusterConfig = ClusterConfig()
+    dashboard: DashboardConfig = DashboardConfig()
     progress: bool = True
 
     @model_validator(mode="after")

@@ -33,7 +33,7 @@ from distributed import Client, wait
 from distributed.client import futures_of
 from tqdm.auto import tqdm
 
-from adorym_dask.cluster import dask_client
+from adorym_dask.cluster import check_shared_paths, dask_client
 from adorym_dask.config import ConfigError, OptimizerName, RunConfig, config_from_dict
 from adorym_dask.graphs.minibatch import (
     build_minibatch,
@@ -92,6 +92,41 @@ DIVERGENCE_FACTOR = 1000.0  # an epoch's loss this many times the start loss sto
 
 class DivergenceError(RuntimeError):
     """The loss became NaN/inf or grew far above its start: the step sizes are too large."""
+
+
+def _preview_block(store: ObjectStore, block: tuple[int, int], source, step: int,
+                   z: int) -> tuple[int, int, np.ndarray]:
+    """Every ``step``-th pixel of slice ``z`` of a block, for the dashboard: the preview's
+    row and column where it goes and its values ``[h', w', 2]``."""
+    y0, x0, _, _ = store.block_box(block)
+    dy, dx = (-y0) % step, (-x0) % step
+    data = store.load(block, source)[dy::step, dx::step, z, :, 0]
+    return (y0 + dy) // step, (x0 + dx) // step, np.ascontiguousarray(data, np.float32)
+
+
+def _compute_with_bar(tasks: list, scheduler, *, desc: str, show: bool) -> list:
+    """``dask.compute(*tasks)`` with a progress bar of finished tasks when ``show``."""
+    if not show:
+        return list(dask.compute(*tasks, scheduler=scheduler))
+    bar = tqdm(total=len(tasks), desc=desc, leave=False)
+    try:
+        if isinstance(scheduler, Client):
+            from distributed import as_completed
+
+            futures = scheduler.compute(tasks)
+            for _ in as_completed(futures):
+                bar.update(1)
+            return scheduler.gather(futures)
+        out = []
+        for task in tasks:
+            out.append(dask.compute(task, scheduler=scheduler)[0])
+            bar.update(1)
+        return out
+    finally:
+        bar.close()
+
+
+PUBLISH_BAR_BLOCKS = 16  # publishing more blocks than this shows a progress bar
 
 
 def _recoverable() -> tuple[type[BaseException], ...]:
@@ -173,6 +208,8 @@ class Reconstruction:
         self.n_checkpoints = 0
         self.recoveries = 0  # part of every task key: a replay must not reuse erred keys
         self._cg_alpha: float | None = None  # conjugate gradient's last step (driver state)
+        self.dashboard = _dashboard_publisher(None, self)  # a no-op until run() has a client
+        self.dashboard_on = False
         ck = self._check_resume(allow_config_change) if resume else None
         initial = ck.initial if ck is not None else self._initial_values()
         self.refinements = plan_refinements(cfg, self.specs, initial)
@@ -551,6 +588,7 @@ class Reconstruction:
         self.step += 1
         self.batch = b + 1
         self.epoch_loss = (self.epoch_loss[0] + sums.loss * n, self.epoch_loss[1] + n)
+        self.dashboard.minibatch(epoch=epoch, batch=b, loss=float(sums.loss))
 
     def run_cg_iteration(self, epoch: int, scheduler) -> None:
         """One conjugate-gradient step of the object over every tile (see
@@ -640,6 +678,7 @@ class Reconstruction:
             )
         self.loss.append(loss)
         self._log_small_parameters(loss)
+        self.dashboard.epoch(epoch=self.epoch, loss=loss)
         self.epoch += 1
         self.batch, self.epoch_loss = 0, (0.0, 0)
         sw = self.cfg.object.shrinkwrap
@@ -653,8 +692,39 @@ class Reconstruction:
             self.commit()
         else:
             self._checkpoint_memory_blocks(scheduler)
+        self._show_on_dashboard(scheduler)
         self.clock.extend_last()
         return loss
+
+    def _show_on_dashboard(self, scheduler) -> None:
+        """Send the page the epoch's object slice (downsampled on the workers), probe,
+        positions and refined small parameters (cheap: small arrays only)."""
+        if not self.dashboard_on or self.sources is None:
+            return
+        opts = self.cfg.dashboard
+        n_y, n_x, n_z = self.obj_shape[:3]
+        z = n_z // 2 if opts.slice_index is None else min(max(opts.slice_index, 0), n_z - 1)
+        step = max(1, math.ceil(max(n_y, n_x) / opts.max_px))
+        parts = dask.compute(*[
+            delayed(_preview_block, pure=False)(self.store, b, src, step, z)
+            for b, src in self.sources.items()], scheduler=scheduler)
+        out = np.zeros((-(-n_y // step), -(-n_x // step), 2), np.float32)
+        for r, c, data in parts:
+            out[r : r + data.shape[0], c : c + data.shape[1]] = data
+        self.dashboard.object_slice(out, representation=self.cfg.object.representation.value,
+                                    slice_index=z)
+        if "probe" in self.params:
+            self.dashboard.probe(np.asarray(self.params["probe"].value))
+        if "positions" in self.params:
+            self.dashboard.positions(initial=np.asarray(self.initial["positions"])[0],
+                                     current=np.asarray(self.params["positions"].value)[0])
+        small = {}
+        for name, r in self.refinements.items():
+            value = np.asarray(self.params[name].value)
+            if r.spec.scope == "global" and value.size <= 64 and not np.iscomplexobj(value):
+                small[r.spec.output] = value
+        if small:
+            self.dashboard.parameters(small)
 
     def _log_small_parameters(self, loss: float) -> None:
         """Log the epoch's loss and every refined global parameter of a few values
@@ -672,7 +742,8 @@ class Reconstruction:
         """Copy every block's committed object into the run store's ``object`` array, and the
         parameters and loss history beside it."""
         tasks = [delayed(self.store.publish, pure=False)(b, src) for b, src in self.sources.items()]
-        dask.compute(*tasks, scheduler=scheduler)
+        _compute_with_bar(tasks, scheduler, desc="publishing the object",
+                          show=self.cfg.progress and len(tasks) > PUBLISH_BAR_BLOCKS)
         if "kappa" in self.params:  # the stored channel 1 is beta = kappa * delta
             results.fill_beta_from_kappa(self.path, float(self.params["kappa"].value))
         try:
@@ -698,22 +769,31 @@ class Reconstruction:
         """Run (or continue) every epoch; ``callback(epoch, loss, reconstruction)`` after each."""
         starting = time.perf_counter()
         with dask_client(self.cfg.cluster, client) as c:
+            if c is not None:
+                check_shared_paths(c, read=[str(self.meas.source.path)], write=[self.path])
             self.clock.cluster_started(time.perf_counter() - starting)
             scheduler = c if c is not None else "sync"
+            self.dashboard = _dashboard_publisher(c, self)
+            self.dashboard_on = c is not None and self.cfg.dashboard.enabled
             bar = tqdm(total=self.cfg.epochs, initial=self.epoch, desc="epochs",
                        disable=not self.cfg.progress)
             attempt = 0
-            while self.epoch < self.cfg.epochs:
-                try:
-                    self._run_epoch(scheduler, bar, callback)
-                except _recoverable() as err:
-                    attempt += 1
-                    self._recover(err, attempt)
+            try:
+                while self.epoch < self.cfg.epochs:
+                    try:
+                        self._run_epoch(scheduler, bar, callback)
+                    except _recoverable() as err:
+                        attempt += 1
+                        self._recover(err, attempt)
+            except BaseException:
+                self.dashboard.finished(status="failed")
+                raise
             bar.close()
             if self.sources is None:
                 self._initialize_blocks(scheduler)
             self.publish(scheduler)
             results.write_setup_seconds(self.path, self.clock.snapshot()[2])
+            self.dashboard.finished()
         results.finalize(self.path)
         out = self.path if location.is_url(self.path) else Path(self.path)
         return RunResult(out, self.loss, self.values(), self.offset)
@@ -747,6 +827,16 @@ class Reconstruction:
         for b in range(self.batch, len(batches)):
             self.run_minibatch(batches[b], epoch, b, scheduler)
         return self._end_epoch(scheduler)
+
+
+def _dashboard_publisher(client: Client | None, rec: Reconstruction):
+    """The run's sender to the dashboard page (a no-op without a client or when disabled)."""
+    from adorym_dask.dashboard.publisher import DashboardPublisher
+
+    on = client is not None and rec.cfg.dashboard.enabled
+    return DashboardPublisher(client if on else None, run_id=rec.token,
+                              model_kind=rec.cfg.model.kind, epochs=rec.cfg.epochs,
+                              max_px=rec.cfg.dashboard.max_px)
 
 
 def run(

@@ -187,7 +187,7 @@ def load_checkpoint(run: str | Path) -> Checkpoint:
 
 
 # Keys that may change between a run and its resumption: how and how long, not what.
-RESUMABLE_CHANGES = {"epochs", "cluster", "progress", "overwrite"}
+RESUMABLE_CHANGES = {"epochs", "cluster", "dashboard", "progress", "overwrite"}
 
 
 def config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
