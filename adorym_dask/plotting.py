@@ -29,9 +29,15 @@ def object_phase(obj: np.ndarray, representation: str, *, slice_index: int = 0) 
 
 
 def _pyplot():
+    """pyplot, on the Agg backend unless a backend was chosen already (a notebook's inline
+    backend must survive: our figures are saved and closed, the user's still show)."""
+    import os
+    import sys
+
     import matplotlib
 
-    matplotlib.use("Agg")
+    if "matplotlib.pyplot" not in sys.modules and not os.environ.get("MPLBACKEND"):
+        matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     return plt
