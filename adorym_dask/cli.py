@@ -1,4 +1,4 @@
-"""Command line: ``adorym-dask reconstruct|simulate|demo``."""
+"""Command line: ``adorym-dask reconstruct|simulate|demo|cluster|inspect|convert``."""
 
 from __future__ import annotations
 
@@ -31,10 +31,21 @@ def _reconstruct(args: argparse.Namespace) -> int:
         allow_config_change=args.allow_config_change,
     )
     print(f"wrote {result.output}  (final loss {result.loss[-1]:.5g})")
-    if args.png:
-        for png in save_run_pngs(args.png, result):
-            print(f"wrote {png}")
+    png = args.png or default_png(result.output)
+    if png and not args.no_png:
+        for path in save_run_pngs(png, result):
+            print(f"wrote {path}")
     return 0
+
+
+def default_png(output) -> Path | None:
+    """``run.zarr`` -> ``run.png`` beside it (None for a URL output: pass --png)."""
+    from adorym_dask.storage import location
+
+    if location.is_url(str(output)):
+        return None
+    out = Path(output)
+    return out.with_name(f"{out.name.removesuffix('.zarr').removesuffix('.h5')}.png")
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -45,6 +56,9 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from adorym_dask.cluster_command import add_cluster_arguments, run_cluster
+    from adorym_dask.convert import add_convert_arguments, run_convert
+    from adorym_dask.inspect import add_inspect_arguments, run_inspect
     from adorym_dask.simulate import add_simulate_arguments, run_simulate
 
     parser = argparse.ArgumentParser(prog="adorym-dask", description=__doc__)
@@ -55,7 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--set", action="append", default=[], metavar="KEY.SUB=VALUE",
         help="override a config value, e.g. --set optimizer.step_size=0.02 (repeatable)",
     )
-    rec.add_argument("--png", help="also write a summary picture here")
+    rec.add_argument("--png", help="the summary picture (default: beside the output, "
+                     "run.zarr -> run.png)")
+    rec.add_argument("--no-png", action="store_true", help="no summary picture")
     rec.add_argument("-q", "--quiet", action="store_true",
                      help="no log lines (the loss and refined parameters of each epoch)")
     rec.add_argument(
@@ -75,6 +91,17 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--epochs", type=int, default=30)
     demo.add_argument("--workers", type=int, default=2)
     demo.set_defaults(func=_demo)
+    clu = sub.add_parser("cluster", help="start a dask-jobqueue cluster (SLURM, PBS, SGE) and "
+                         "keep it for several runs (cluster: {address: ...})")
+    add_cluster_arguments(clu)
+    clu.set_defaults(func=run_cluster)
+    ins = sub.add_parser("inspect", help="describe a run store or a measurement file")
+    add_inspect_arguments(ins)
+    ins.set_defaults(func=run_inspect)
+    con = sub.add_parser("convert", help="convert CXI, Adorym HDF5 or Data Exchange files to "
+                         "the native layout")
+    add_convert_arguments(con)
+    con.set_defaults(func=run_convert)
     return parser
 
 

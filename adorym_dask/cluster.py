@@ -40,7 +40,18 @@ _MERGED = {"scheduler_options": dict, "job_extra_directives": list, "worker_extr
 
 
 def _cluster_class(kind: str) -> type:
-    import dask_jobqueue
+    import signal
+    import threading
+
+    # dask_jobqueue's runner module installs a SIGINT handler calling sys.exit on import: keep
+    # the user's Ctrl-C a KeyboardInterrupt (in a driver or a notebook)
+    main = threading.current_thread() is threading.main_thread()
+    handler = signal.getsignal(signal.SIGINT) if main else None
+    try:
+        import dask_jobqueue
+    finally:
+        if main and handler is not None:
+            signal.signal(signal.SIGINT, handler)
 
     return {"slurm": dask_jobqueue.SLURMCluster, "pbs": dask_jobqueue.PBSCluster,
             "sge": dask_jobqueue.SGECluster}[kind]
@@ -135,14 +146,24 @@ def _start_jobqueue(cfg: ClusterConfig):
         raise ConfigError(f"cluster.jobqueue (with the site's jobqueue.{cfg.kind.value} config): "
                           f"{err}. Set the missing option under cluster.jobqueue or in "
                           "~/.config/dask/jobqueue.yaml (see deploy/)") from None
-    if any(str(a) == "--lifetime" for a in kw["worker_extra_args"]):
+    if lifetime_in_use(kw):
         # workers leave before the walltime: adapt keeps n_workers by submitting new jobs
         cluster.adapt(minimum=cfg.n_workers, maximum=cfg.n_workers)
     else:
         cluster.scale(n=cfg.n_workers)
-    log.info("submitted %d %s job(s) for %d worker(s); the scheduler runs here at %s",
-             len(cluster.worker_spec), cfg.kind.value, cfg.n_workers, cluster.scheduler_address)
+    log.info("asked %s for %d worker(s) as batch jobs; the scheduler runs here at %s",
+             cfg.kind.value, cfg.n_workers, cluster.scheduler_address)
     return cluster
+
+
+def lifetime_in_use(kw: dict[str, Any]) -> bool:
+    """Whether the workers of jobqueue keywords ``kw`` leave at a ``--lifetime``."""
+    return any(str(a) == "--lifetime" for a in kw.get("worker_extra_args", []))
+
+
+# A worker that left at its lifetime is replaced once Dask counts it lost: 15 s by default,
+# during which the run has one worker fewer. Shortened while a cluster with lifetimes runs.
+REPLACEMENT_DELAY = "2s"
 
 
 def start_cluster(cfg: ClusterConfig):
@@ -184,14 +205,27 @@ def open_cluster(cfg: ClusterConfig) -> Iterator[tuple[Any, Client]]:
             raise ConfigError(f"cluster.address {cfg.address}: no scheduler answers ({err}). "
                               "Start one (adorym-dask cluster slurm ..., dask scheduler) or fix "
                               "the address") from None
-    else:
+        with _opened(cluster, own):
+            yield cluster, own
+        return
+    import dask
+
+    quick = cfg.kind.value in JOBQUEUE_KINDS and lifetime_in_use(jobqueue_kwargs(cfg))
+    with dask.config.set({"distributed.deploy.lost-worker-timeout": REPLACEMENT_DELAY}
+                         if quick else {}):
         cluster = start_cluster(cfg)
-        own = Client(cluster)
+        with _opened(cluster, Client(cluster)) as own:
+            yield cluster, own
+
+
+@contextmanager
+def _opened(cluster, client: Client) -> Iterator[Client]:
+    """Prepare ``client``; close it and the ``cluster`` we started (if any) on exit."""
     try:
-        prepare_client(own)
-        yield cluster, own
+        prepare_client(client)
+        yield client
     finally:
-        own.close()
+        client.close()
         if cluster is not None:
             cluster.close()
 
