@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from typing import Any
 
+import dask
 from distributed import Client, LocalCluster, WorkerPlugin
 
 from adorym_dask.config import JOBQUEUE_KINDS, ClusterConfig, ConfigError
@@ -45,16 +47,57 @@ def _cluster_class(kind: str) -> type:
 
     # dask_jobqueue's runner module installs a SIGINT handler calling sys.exit on import: keep
     # the user's Ctrl-C a KeyboardInterrupt (in a driver or a notebook)
+    # (and outside the main thread, where signal.signal raises, that import would fail)
     main = threading.current_thread() is threading.main_thread()
     handler = signal.getsignal(signal.SIGINT) if main else None
+    real = signal.signal
+    if not main:
+        signal.signal = lambda signum, handler: None  # type: ignore[assignment]
     try:
         import dask_jobqueue
     finally:
+        signal.signal = real
         if main and handler is not None:
             signal.signal(signal.SIGINT, handler)
 
-    return {"slurm": dask_jobqueue.SLURMCluster, "pbs": dask_jobqueue.PBSCluster,
+    base = {"slurm": dask_jobqueue.SLURMCluster, "pbs": dask_jobqueue.PBSCluster,
             "sge": dask_jobqueue.SGECluster}[kind]
+    return _replacing_grouped_jobs(base)
+
+
+def _replacing_grouped_jobs(base: type) -> type:
+    """``base`` (a JobQueueCluster) that also replaces a job of several worker processes
+    once all of them have left (at their ``--lifetime``).
+
+    SpecCluster forgets a job whose worker left only when the worker's name is the job's;
+    the workers of a job with ``processes > 1`` are named ``<job>-<k>``, so the job stayed
+    planned and adapt never submitted its replacement (dask/distributed#9102): the run
+    would lose every worker at the lifetime and wait forever.
+    """
+    import asyncio
+
+    from dask.utils import parse_timedelta
+
+    class Cluster(base):
+        def _update_worker_status(self, op, msg):  # noqa: ANN001 (distributed's signature)
+            if op == "remove":
+                info = self.scheduler_info["workers"].get(msg, {})
+                name = str(info.get("name", ""))
+                job = name.rsplit("-", 1)[0] if name not in self.workers else None
+                if job and job in self.workers:
+                    def forget() -> None:
+                        alive = any(str(d.get("name", "")).rsplit("-", 1)[0] == job
+                                    for d in self.scheduler_info["workers"].values())
+                        if job in self.workers and not alive:
+                            self._futures.add(asyncio.ensure_future(self.workers[job].close()))
+                            del self.workers[job]
+
+                    delay = parse_timedelta(dask.config.get("distributed.deploy.lost-worker-timeout"))
+                    asyncio.get_running_loop().call_later(delay, forget)
+            super()._update_worker_status(op, msg)
+
+    Cluster.__name__ = Cluster.__qualname__ = base.__name__
+    return Cluster
 
 
 def walltime_seconds(walltime: str) -> float:
@@ -65,7 +108,9 @@ def walltime_seconds(walltime: str) -> float:
         d, text = text.split("-", 1)
         days = int(d)
     parts = [float(p) for p in text.split(":")]
-    if len(parts) == 1:  # minutes (SLURM's bare number)
+    if len(parts) == 1 and days:  # D-HH
+        seconds = parts[0] * 3600
+    elif len(parts) == 1:  # minutes (SLURM's bare number)
         seconds = parts[0] * 60
     elif len(parts) == 2 and days:  # D-HH:MM
         seconds = parts[0] * 3600 + parts[1] * 60
@@ -109,12 +154,14 @@ def jobqueue_kwargs(cfg: ClusterConfig) -> dict[str, Any]:
     ``cfg.dashboard_address`` unless the YAML or run file set one, and the workers get a
     staggered ``--lifetime`` before the walltime (:class:`ClusterConfig.worker_lifetime`).
     """
-    import dask
-
-    kind = cfg.kind.value
     kw = {str(k).replace("-", "_"): v for k, v in cfg.jobqueue.items()}
+    section = kw.get("config_name") or cfg.kind.value  # the site's jobqueue.<section>
+    if "walltime" in kw and not isinstance(kw["walltime"], str):
+        raise ConfigError(f"cluster.jobqueue.walltime must be a quoted string such as "
+                          f"\"02:00:00\", not {kw['walltime']!r} (YAML reads 2:00:00 unquoted "
+                          "as a number of seconds)")
     for key, kind_of in _MERGED.items():
-        site = dask.config.get(f"jobqueue.{kind}.{key.replace('_', '-')}", default=None)
+        site = dask.config.get(f"jobqueue.{section}.{key.replace('_', '-')}", default=None)
         mine = kw.get(key)
         if mine is not None and not isinstance(mine, kind_of):
             raise ConfigError(f"cluster.jobqueue.{key} must be a {kind_of.__name__}, not "
@@ -124,14 +171,13 @@ def jobqueue_kwargs(cfg: ClusterConfig) -> dict[str, Any]:
         else:
             kw[key] = [*(site or []), *[x for x in (mine or []) if x not in (site or [])]]
     opts = kw["scheduler_options"]
-    preload = opts.get("preload") or []
-    preload = [preload] if isinstance(preload, str) else list(preload)
-    if DASHBOARD_PRELOAD not in preload:
-        preload.append(DASHBOARD_PRELOAD)
-    opts["preload"] = preload
-    if "dashboard_address" not in opts and cfg.dashboard_address is not None:
+    opts["preload"] = _with_page(opts.get("preload"))
+    if cfg.dashboard_address is None:  # no dashboard; the HTTP server stays on loopback
+        opts["dashboard"] = False
+        opts.setdefault("dashboard_address", "127.0.0.1:0")
+    elif "dashboard_address" not in opts:
         opts["dashboard_address"] = cfg.dashboard_address
-    walltime = kw.get("walltime") or dask.config.get(f"jobqueue.{kind}.walltime", default=None)
+    walltime = kw.get("walltime") or dask.config.get(f"jobqueue.{section}.walltime", default=None)
     if not any(str(a).startswith("--lifetime") for a in kw["worker_extra_args"]):
         kw["worker_extra_args"] += _lifetime_args(cfg, walltime)
     return kw
@@ -146,13 +192,15 @@ def _start_jobqueue(cfg: ClusterConfig):
         raise ConfigError(f"cluster.jobqueue (with the site's jobqueue.{cfg.kind.value} config): "
                           f"{err}. Set the missing option under cluster.jobqueue or in "
                           "~/.config/dask/jobqueue.yaml (see deploy/)") from None
+    per_job = max(1, int(cluster._dummy_job.worker_processes or 1))  # jobqueue's processes
+    jobs = -(-cfg.n_workers // per_job)
     if lifetime_in_use(kw):
-        # workers leave before the walltime: adapt keeps n_workers by submitting new jobs
-        cluster.adapt(minimum=cfg.n_workers, maximum=cfg.n_workers)
+        # workers leave before the walltime: adapt keeps the jobs by submitting new ones
+        cluster.adapt(minimum_jobs=jobs, maximum_jobs=jobs)
     else:
-        cluster.scale(n=cfg.n_workers)
-    log.info("asked %s for %d worker(s) as batch jobs; the scheduler runs here at %s",
-             cfg.kind.value, cfg.n_workers, cluster.scheduler_address)
+        cluster.scale(jobs=jobs)
+    log.info("asked %s for %d job(s) of %d worker(s) (%d workers); the scheduler runs here at "
+             "%s", cfg.kind.value, jobs, per_job, jobs * per_job, cluster.scheduler_address)
     return cluster
 
 
@@ -176,8 +224,15 @@ def start_cluster(cfg: ClusterConfig):
         memory_limit=cfg.memory_limit,
         processes=True,
         dashboard_address=cfg.dashboard_address,
-        scheduler_kwargs={"preload": [DASHBOARD_PRELOAD]},
+        scheduler_kwargs={"preload": _with_page(dask.config.get("distributed.scheduler.preload",
+                                                                 default=[]))},
     )
+
+
+def _with_page(preload) -> list[str]:  # noqa: ANN001 (a str or a list, as dask config has it)
+    """The user's scheduler preloads (dask config) and the dashboard page's."""
+    preload = [preload] if isinstance(preload, str) else list(preload or [])
+    return preload if DASHBOARD_PRELOAD in preload else [*preload, DASHBOARD_PRELOAD]
 
 
 def prepare_client(client: Client) -> None:
@@ -208,8 +263,6 @@ def open_cluster(cfg: ClusterConfig) -> Iterator[tuple[Any, Client]]:
         with _opened(cluster, own):
             yield cluster, own
         return
-    import dask
-
     quick = cfg.kind.value in JOBQUEUE_KINDS and lifetime_in_use(jobqueue_kwargs(cfg))
     with dask.config.set({"distributed.deploy.lost-worker-timeout": REPLACEMENT_DELAY}
                          if quick else {}):
@@ -251,12 +304,34 @@ def _sees(paths: list[tuple[str, str, int | None]]) -> list[str]:
     host = socket.gethostname()
     missing = []
     for what, path, size in paths:
+        if not os.path.exists(path):  # NFS may cache a folder's listing: look again first
+            for _ in range(VISIBILITY_RETRIES):
+                with suppress(OSError):
+                    os.listdir(os.path.dirname(path) or ".")
+                if os.path.exists(path):
+                    break
+                time.sleep(1.0)
         if not os.path.exists(path):
             missing.append(f"{what} is not visible on worker host {host}")
         elif size is not None and os.path.isfile(path) and os.path.getsize(path) != size:
             missing.append(f"{what} is another file on worker host {host} "
                            f"({os.path.getsize(path)} bytes, {size} here)")
     return missing
+
+
+VISIBILITY_RETRIES = 10  # seconds a worker looks again for a file it does not see
+
+
+def _wait_for_a_worker(client: Client) -> None:
+    """Wait for the first worker, saying so every minute (batch jobs may queue for long)."""
+    waited = 0
+    while not client.scheduler_info().get("workers"):
+        if waited and waited % 60 == 0:
+            log.info("waiting for the first worker (%d s so far; batch jobs may be queued: "
+                     "squeue -u $USER / qstat -u $USER)", waited)
+        with suppress(TimeoutError):
+            client.wait_for_workers(1, timeout=5)
+        waited += 5
 
 
 def check_shared_paths(client: Client, *, read: list[str], write: list[str]) -> None:
@@ -287,7 +362,9 @@ def check_shared_paths(client: Client, *, read: list[str], write: list[str]) -> 
     if not checks:
         return
     try:
-        missing = client.submit(_sees, checks, pure=False).result()
+        _wait_for_a_worker(client)
+        found = client.run(_sees, checks)  # every connected worker
+        missing = sorted({m for ms in found.values() for m in ms})
     finally:
         for marker in markers:
             with suppress(OSError):

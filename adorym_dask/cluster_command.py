@@ -119,20 +119,25 @@ def _deadline(args: argparse.Namespace, cfg: ClusterConfig, kwargs: dict) -> flo
     """Seconds until the command stops by itself (None: only at a signal)."""
     if args.stop_after is not None:
         return seconds(args.stop_after)
-    if cfg.worker_lifetime is None and kwargs.get("walltime"):
+    import dask
+
+    walltime = kwargs.get("walltime") or dask.config.get(
+        f"jobqueue.{kwargs.get('config_name') or cfg.kind.value}.walltime", default=None)
+    if cfg.worker_lifetime is None and walltime:
         from adorym_dask.cluster import walltime_seconds
 
-        return walltime_seconds(kwargs["walltime"])  # workers not replaced: none left after it
+        return walltime_seconds(walltime)  # workers not replaced: none left after it
     return None
 
 
 def _links(client) -> tuple[str | None, str | None]:  # noqa: ANN001 (distributed.Client)
-    link = client.dashboard_link if client.scheduler_info().get("services", {}).get(
-        "dashboard") else None
-    if not link:
+    """The dashboard's and the page's links, with the host the dashboard listens on."""
+    from adorym_dask.dashboard import ensure_page
+
+    page = ensure_page(client)
+    if not page:
         return None, None
-    base = link.rsplit("/status", 1)[0]
-    return link, base + "/adorym"
+    return page.rsplit("/adorym", 1)[0] + "/status", page
 
 
 def _usage(kind: str, address: str, dashboard: str | None, page: str | None) -> str:
@@ -176,7 +181,9 @@ def run_cluster(args: argparse.Namespace) -> int:
     # import it before ours is installed
     import dask_jobqueue  # noqa: F401
 
-    previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    # SIGHUP: the login shell closed (ssh dropped) - cancel the jobs rather than leave them
+    previous = {s: signal.signal(s, _on_signal)
+                for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         with open_cluster(cfg) as (cluster, client):
             address = client.scheduler.address

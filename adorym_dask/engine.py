@@ -94,14 +94,19 @@ class DivergenceError(RuntimeError):
     """The loss became NaN/inf or grew far above its start: the step sizes are too large."""
 
 
-def _preview_block(store: ObjectStore, block: tuple[int, int], source, step: int,
-                   z: int) -> tuple[int, int, np.ndarray]:
-    """Every ``step``-th pixel of slice ``z`` of a block, for the dashboard: the preview's
-    row and column where it goes and its values ``[h', w', 2]``."""
+def _publish_block(store: ObjectStore, block: tuple[int, int], source,
+                   preview: tuple[int, int] | None) -> tuple[int, int, np.ndarray] | None:
+    """Publish a block into the run store's ``object``; with ``preview = (step, z)`` also
+    return every ``step``-th pixel of its slice ``z`` for the dashboard (from the same read):
+    the preview's row and column where it goes and its values ``[h', w', 2]``."""
+    data = store.publish(block, source)
+    if preview is None:
+        return None
+    step, z = preview
     y0, x0, _, _ = store.block_box(block)
     dy, dx = (-y0) % step, (-x0) % step
-    data = store.load(block, source)[dy::step, dx::step, z, :, 0]
-    return (y0 + dy) // step, (x0 + dx) // step, np.ascontiguousarray(data, np.float32)
+    part = data[dy::step, dx::step, z, :]
+    return (y0 + dy) // step, (x0 + dx) // step, np.ascontiguousarray(part, np.float32)
 
 
 def _compute_with_bar(tasks: list, scheduler, *, desc: str, show: bool) -> list:
@@ -202,7 +207,7 @@ class Reconstruction:
         self.rules = object_rules(cfg, vacuum_margin=self.vacuum_margin,
                                   n_z=int(getattr(self.model, "object_shape_px", (0, 0, 0))[2])
                                   or None, delta_per_rad=1.0 / kdz)
-        self.path = str(cfg.output)
+        self.path = location.absolute(cfg.output)  # workers may run in another folder
         self.token = uuid.uuid4().hex[:12]  # part of every Dask key: runs never share keys
         self.sources: dict | None = None
         self.n_checkpoints = 0
@@ -456,7 +461,7 @@ class Reconstruction:
                   if self.vacuum_margin else None)
         tasks = [
             delayed(init_support_block, pure=False)(
-                self.path, None if npy is None else str(npy), self.store.block_box(b),
+                self.path, None if npy is None else location.absolute(npy), self.store.block_box(b),
                 self.obj_shape[2], inside=inside,
                 dask_key_name=f"support-{self.token}-{b[0]}-{b[1]}",
             )
@@ -692,39 +697,56 @@ class Reconstruction:
             self.commit()
         else:
             self._checkpoint_memory_blocks(scheduler)
-        self._show_on_dashboard(scheduler)
         self.clock.extend_last()
+        self._show_on_dashboard()
         return loss
 
-    def _show_on_dashboard(self, scheduler) -> None:
-        """Send the page the epoch's object slice (downsampled on the workers), probe,
-        positions and refined small parameters (cheap: small arrays only)."""
-        if not self.dashboard_on or self.sources is None:
-            return
+    def _preview_plan(self) -> tuple[int, int] | None:
+        """``(step, z)`` of the object slice the dashboard shows, or None when it is off."""
+        if not self.dashboard_on:
+            return None
         opts = self.cfg.dashboard
         n_y, n_x, n_z = self.obj_shape[:3]
         z = n_z // 2 if opts.slice_index is None else min(max(opts.slice_index, 0), n_z - 1)
-        step = max(1, math.ceil(max(n_y, n_x) / opts.max_px))
-        parts = dask.compute(*[
-            delayed(_preview_block, pure=False)(self.store, b, src, step, z)
-            for b, src in self.sources.items()], scheduler=scheduler)
+        return max(1, math.ceil(max(n_y, n_x) / opts.max_px)), z
+
+    def _show_object(self, parts: list, step: int, z: int) -> None:
+        """Assemble the blocks' previews (from :func:`_publish_block`) and send them."""
+        n_y, n_x = self.obj_shape[:2]
         out = np.zeros((-(-n_y // step), -(-n_x // step), 2), np.float32)
         for r, c, data in parts:
             out[r : r + data.shape[0], c : c + data.shape[1]] = data
-        self.dashboard.object_slice(out, representation=self.cfg.object.representation.value,
-                                    slice_index=z)
-        if "probe" in self.params:
-            self.dashboard.probe(np.asarray(self.params["probe"].value))
-        if "positions" in self.params:
-            self.dashboard.positions(initial=np.asarray(self.initial["positions"])[0],
-                                     current=np.asarray(self.params["positions"].value)[0])
-        small = {}
-        for name, r in self.refinements.items():
-            value = np.asarray(self.params[name].value)
-            if r.spec.scope == "global" and value.size <= 64 and not np.iscomplexobj(value):
-                small[r.spec.output] = value
-        if small:
-            self.dashboard.parameters(small)
+        try:
+            self.dashboard.object_slice(out, representation=self.cfg.object.representation.value,
+                                        slice_index=z)
+        except Exception as err:  # the page must never stop a run
+            self._dashboard_failed(err)
+
+    def _dashboard_failed(self, err: Exception) -> None:
+        log.warning("dashboard page: cannot show this run any more (%s: %s); the run goes on",
+                    type(err).__name__, err)
+        self.dashboard_on = False
+
+    def _show_on_dashboard(self) -> None:
+        """Send the page the epoch's probe, positions and refined small parameters (the object
+        slice goes with each publish, reduced on the workers); small arrays only."""
+        if not self.dashboard_on:
+            return
+        try:
+            if "probe" in self.params:
+                self.dashboard.probe(np.asarray(self.params["probe"].value))
+            if "positions" in self.params:
+                self.dashboard.positions(initial=np.asarray(self.initial["positions"])[0],
+                                         current=np.asarray(self.params["positions"].value)[0])
+            small = {}
+            for name, r in self.refinements.items():
+                value = np.asarray(self.params[name].value)
+                if r.spec.scope == "global" and value.size <= 64 and not np.iscomplexobj(value):
+                    small[r.spec.output] = value
+            if small:
+                self.dashboard.parameters(small)
+        except Exception as err:  # the page must never stop a run
+            self._dashboard_failed(err)
 
     def _log_small_parameters(self, loss: float) -> None:
         """Log the epoch's loss and every refined global parameter of a few values
@@ -741,9 +763,13 @@ class Reconstruction:
     def publish(self, scheduler) -> None:
         """Copy every block's committed object into the run store's ``object`` array, and the
         parameters and loss history beside it."""
-        tasks = [delayed(self.store.publish, pure=False)(b, src) for b, src in self.sources.items()]
-        _compute_with_bar(tasks, scheduler, desc="publishing the object",
-                          show=self.cfg.progress and len(tasks) > PUBLISH_BAR_BLOCKS)
+        preview = self._preview_plan()
+        tasks = [delayed(_publish_block, pure=False)(self.store, b, src, preview)
+                 for b, src in self.sources.items()]
+        parts = _compute_with_bar(tasks, scheduler, desc="publishing the object",
+                                  show=self.cfg.progress and len(tasks) > PUBLISH_BAR_BLOCKS)
+        if preview is not None:
+            self._show_object(parts, *preview)
         if "kappa" in self.params:  # the stored channel 1 is beta = kappa * delta
             results.fill_beta_from_kappa(self.path, float(self.params["kappa"].value))
         try:
@@ -770,11 +796,18 @@ class Reconstruction:
         starting = time.perf_counter()
         with dask_client(self.cfg.cluster, client) as c:
             if c is not None:
-                check_shared_paths(c, read=[str(self.meas.source.path)], write=[self.path])
+                support = self.cfg.object.support_path
+                check_shared_paths(
+                    c, read=[str(self.meas.source.path)]
+                    + ([location.absolute(support)] if support else []),
+                    write=[self.path],
+                )
             self.clock.cluster_started(time.perf_counter() - starting)
             scheduler = c if c is not None else "sync"
             self.dashboard = _dashboard_publisher(c, self)
             self.dashboard_on = c is not None and self.cfg.dashboard.enabled
+            for i, done in enumerate(self.loss):  # a resumed run's earlier epochs
+                self.dashboard.epoch(epoch=i, loss=done)
             bar = tqdm(total=self.cfg.epochs, initial=self.epoch, desc="epochs",
                        disable=not self.cfg.progress)
             attempt = 0
@@ -785,14 +818,17 @@ class Reconstruction:
                     except _recoverable() as err:
                         attempt += 1
                         self._recover(err, attempt)
+                bar.close()
+                if self.sources is None:
+                    self._initialize_blocks(scheduler)
+                self.publish(scheduler)
+                results.write_setup_seconds(self.path, self.clock.snapshot()[2])
+            except KeyboardInterrupt:
+                self.dashboard.finished(status="interrupted")
+                raise
             except BaseException:
                 self.dashboard.finished(status="failed")
                 raise
-            bar.close()
-            if self.sources is None:
-                self._initialize_blocks(scheduler)
-            self.publish(scheduler)
-            results.write_setup_seconds(self.path, self.clock.snapshot()[2])
             self.dashboard.finished()
         results.finalize(self.path)
         out = self.path if location.is_url(self.path) else Path(self.path)

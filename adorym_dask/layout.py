@@ -9,6 +9,7 @@ from dataclasses import replace
 
 import numpy as np
 
+from adorym_dask.storage import location
 from adorym_dask.config import ConfigError, RunConfig
 from adorym_dask.models.regularizers import ObjectRules, Regularizer
 from adorym_dask.optimizers import OptimizerSpec
@@ -42,7 +43,7 @@ def load_measurements(cfg: RunConfig) -> Measurements:
     """Open ``cfg.data`` (near-field metadata as the model needs it) and take its subset."""
     d = cfg.data
     meas = open_measurements(
-        d.path,
+        location.absolute(d.path),  # workers read it, perhaps from another folder
         fmt=FORMATS[d.format.value],
         energy_ev=d.energy_ev,
         pixel_size_m=d.pixel_size_m,

@@ -4,7 +4,10 @@ driver, every other rank a worker. Started by ``slurm-runner.sbatch`` through ``
 
     srun python run_on_compute_node.py run.yaml [--set key.sub=value ...]
 
-Environment (all optional): ``ADORYM_DASHBOARD_ADDRESS`` (default ``:8787``),
+Environment (all optional): ``ADORYM_DASHBOARD_ADDRESS`` (default ``127.0.0.1:8787``: loopback of
+the scheduler's node, reached with ``ssh -J <login node> -L 8787:localhost:8787 <node>``; set
+``:8787`` where you cannot ssh to your job's node, knowing the page is then open to the whole
+cluster network),
 ``ADORYM_INTERFACE`` (e.g. ``ib0``), ``ADORYM_LOCAL_DIRECTORY`` (node-local scratch, default
 ``$TMPDIR`` or ``/tmp``), ``ADORYM_SCHEDULER_FILE`` (default
 ``$SLURM_SUBMIT_DIR/adorym-scheduler-{job_id}.json``: on a filesystem every rank sees).
@@ -52,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     interface = os.environ.get("ADORYM_INTERFACE") or None
     scheduler_options = {
         "preload": ["adorym_dask.dashboard"],
-        "dashboard_address": os.environ.get("ADORYM_DASHBOARD_ADDRESS", ":8787"),
+        "dashboard_address": os.environ.get("ADORYM_DASHBOARD_ADDRESS", "127.0.0.1:8787"),
     }
     worker_options = {
         "nthreads": int(os.environ.get("SLURM_CPUS_PER_TASK", "1")),
@@ -73,9 +76,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"adorym-dask: job {job}: {runner.n_workers} workers, scheduler "
               f"{client.scheduler.address}", flush=True)
         if port:
-            print(f"adorym-dask: dashboard on {host}:{port}; from your laptop: "
-                  f"ssh -L 8787:{host}:{port} <login node>  then open "
-                  f"http://localhost:8787/adorym", flush=True)
+            loopback = os.environ.get("ADORYM_DASHBOARD_ADDRESS", "127.0.0.1").startswith("127.")
+            tunnel = (f"ssh -J <login node> -L 8787:localhost:{port} {socket.gethostname()}"
+                      if loopback else f"ssh -L 8787:{host}:{port} <login node>")
+            print(f"adorym-dask: dashboard on port {port} of {socket.gethostname()}; from your "
+                  f"laptop: {tunnel}  then open http://localhost:8787/adorym", flush=True)
         result = adorym_dask.reconstruct(args.run_file, client, overrides=args.set)
         print(f"adorym-dask: wrote {result.output}  (final loss {result.loss[-1]:.5g}) on "
               f"{socket.gethostname()}", flush=True)

@@ -495,3 +495,45 @@ def test_reconstruction_publishes_to_the_page(tmp_path):
         page.wait_for_function(
             "() => Bokeh.documents[0].get_model_by_name('title').text.includes('finished')")
         assert page.js_errors == []
+
+
+def test_two_live_runs_do_not_make_the_page_flip():
+    """Two runs publishing at once: the page keeps the one started last while both run, even
+    when the other published more recently; once it finishes, the live one is shown."""
+    info = {"a": {"status": "running", "started": 100.0, "updated": 205.0},
+            "b": {"status": "running", "started": 150.0, "updated": 200.0}}
+    meta = {k: {"info": v} for k, v in info.items()} | {"latest": "a"}
+    assert latest_run(meta, now=206.0)[0] == "b"
+    meta["b"]["info"] = {**info["b"], "status": "finished", "updated": 210.0}
+    assert latest_run(meta, now=211.0)[0] == "a"
+    # a run that stopped publishing long ago (its driver died) is no longer live
+    meta["a"]["info"] = {**info["a"], "updated": 0.0}
+    assert latest_run(meta, now=1000.0)[0] == "b"
+
+
+def test_engine_clusters_listen_on_loopback_and_link_there():
+    """The cluster a run starts by default (``cluster: {}``) serves its dashboard on
+    127.0.0.1 only, and the page link points there even when the scheduler's own address is
+    the machine's network address (as on a login node)."""
+    from distributed.comm.utils import get_tcp_server_addresses
+    from distributed.utils import get_ip
+
+    from adorym_dask.cluster import open_cluster
+    from adorym_dask.config import ClusterConfig
+
+    with open_cluster(ClusterConfig(n_workers=1)) as (cluster, client):
+        hosts = {a[0] for a in get_tcp_server_addresses(cluster.scheduler.http_server)}
+        assert hosts == {"127.0.0.1"}, hosts
+        url = dashboard.ensure_page(client)
+        assert url.startswith("http://127.0.0.1:") and url.endswith("/adorym"), url
+        assert _status(url) == 200
+    ip = get_ip()
+    if ip.startswith("127."):
+        pytest.skip("this machine has no network address besides loopback")
+    with LocalCluster(n_workers=0, processes=True, host=ip, dashboard_address="127.0.0.1:0",
+                      scheduler_kwargs={"preload": ["adorym_dask.dashboard"]}) as cluster, \
+            Client(cluster) as client:
+        assert ip in client.dashboard_link  # distributed's link: nothing listens there
+        url = dashboard.ensure_page(client)
+        assert url.startswith("http://127.0.0.1:"), url
+        assert _status(url) == 200

@@ -133,7 +133,7 @@ def test_deploy_site_configs_give_job_scripts(kind, tmp_path):
         kw["scheduler_options"]["dashboard_address"] = "127.0.0.1:0"  # 8787 may be taken here
         with cls(**kw) as cluster:
             script = cluster.job_script()
-    assert "--local-directory $TMPDIR" in script
+    assert "--local-directory ${TMPDIR:-/tmp}" in script
     assert "--lifetime 6480s" in script
     assert ("#SBATCH -p normal" if kind == "slurm" else "#PBS -q workq") in script
     assert "adorym-worker" in script
@@ -199,3 +199,37 @@ def test_cluster_command_arguments_make_the_cluster_config():
     default = cluster_config(parser.parse_args(["pbs"]))
     assert default.dashboard_address == "127.0.0.1:8787" and default.jobqueue == {}
     assert seconds("1-01:00:00") == 90000 and seconds("8h") == 28800 and seconds("05:30") == 330
+
+
+def test_shared_path_check(tmp_path, monkeypatch):
+    """Before a run on a cluster, every worker must see the data file (same size) and a file
+    written by the driver into the output folder; what a worker cannot see is named with the
+    fix. (A worker on another machine is emulated by hiding the driver's marker file from
+    the in-process worker.)"""
+    import os
+
+    from distributed import Client, LocalCluster
+
+    from adorym_dask import cluster as cl
+    from adorym_dask.config import ConfigError
+
+    data = tmp_path / "scan.h5"
+    data.write_bytes(b"x" * 100)
+    out = tmp_path / "run.zarr"
+    out.mkdir()
+    monkeypatch.setattr(cl, "VISIBILITY_RETRIES", 0)
+    # as a worker on a node without this filesystem, or with another file at the path
+    assert cl._sees([("data file /nowhere/scan.h5", "/nowhere/scan.h5", None)]) == [
+        f"data file /nowhere/scan.h5 is not visible on worker host {os.uname().nodename}"]
+    other = cl._sees([("data file", str(data), 99)])
+    assert "another file" in other[0] and "100 bytes" in other[0]
+    with LocalCluster(n_workers=1, processes=False, threads_per_worker=1,
+                      dashboard_address=None) as lc, Client(lc) as client:
+        cl.check_shared_paths(client, read=[str(data)], write=[str(out)])  # all visible
+        assert not list(out.iterdir())  # the marker is removed
+        real = os.path.exists
+        monkeypatch.setattr(os.path, "exists",
+                            lambda p: ".adorym-visible-" not in str(p) and real(p))
+        with pytest.raises(ConfigError, match=r"output folder .* not visible.*not /tmp"):
+            cl.check_shared_paths(client, read=[str(data)], write=[str(out)])
+        assert not list(out.iterdir())

@@ -132,10 +132,16 @@ def test_workers_at_their_lifetime_are_replaced_and_the_run_carries_on(
         slurm_queue_empty, sim, local_result, tmp_path):
     """``worker_lifetime: 10s``: workers leave (staggered) and new jobs replace them while the
     run goes on; at least one replacement job does work, and the result still equals the
-    LocalCluster run. The callback slows the driver down so the run lasts ~30 s."""
+    LocalCluster run. The callback slows the driver down so the run lasts ~30 s.
+
+    The job holds both workers (``processes: 2``): distributed forgets a job whose workers
+    left only when a worker is named as its job, which grouped workers (``<job>-0``,
+    ``<job>-1``) are not, so without adorym-dask's fix no replacement would ever come
+    (dask/distributed#9102) and the run would stall."""
     cluster = {"kind": "slurm", "n_workers": 2, "worker_lifetime": "10s",
                "worker_lifetime_stagger": "3s",
-               "jobqueue": {**JOBQUEUE, "job_name": "adorym-lifetime"}}
+               "jobqueue": {**JOBQUEUE, "cores": 2, "processes": 2, "memory": "2GB",
+                            "job_name": "adorym-lifetime"}}
     jobs_per_epoch: list[set[str]] = []
     started = []
 
@@ -151,7 +157,25 @@ def test_workers_at_their_lifetime_are_replaced_and_the_run_carries_on(
 
     # open_cluster shortens lost-worker-timeout (15 s by default: only then does adapt submit
     # a leaver's replacement) while a cluster with lifetimes runs
-    result = run(config_from_dict(_tree(sim, tmp_path / "life.zarr", cluster)), callback=callback)
+    # in a thread, so that a run that stalls for want of workers fails the test, not hangs it
+    out: dict = {}
+
+    def target() -> None:
+        try:
+            out["result"] = run(config_from_dict(_tree(sim, tmp_path / "life.zarr", cluster)),
+                                callback=callback)
+        except BaseException as err:  # noqa: BLE001 - reported below
+            out["error"] = err
+
+    worker = threading.Thread(target=target, daemon=True)
+    worker.start()
+    worker.join(timeout=150)
+    assert not worker.is_alive(), (
+        f"the run stalled after {len(jobs_per_epoch)} of {EPOCHS} epochs: the workers that left "
+        f"at their lifetime were not replaced (jobs seen: {jobs_per_epoch})")
+    if "error" in out:
+        raise out["error"]
+    result = out["result"]
     first = jobs_per_epoch[0]
     later = set().union(*jobs_per_epoch) - first
     assert later, f"no replacement job ran tasks: {jobs_per_epoch}"

@@ -106,7 +106,32 @@ def ensure_page(client: Client) -> str | None:
                     type(err).__name__, err)
         return None
     url = page_url(client, prefix=prefix) if state == "served" else None
+    if url is not None:
+        url = _reachable(url, client)
     _ENSURED[client] = (address, url)
+    return url
+
+
+def _reachable(url: str, client: Client) -> str:
+    """``url`` with the host the dashboard listens on when that is loopback only.
+
+    ``client.dashboard_link`` takes its host from the scheduler's address (e.g. a login
+    node's ``10.1.2.3``), but a dashboard bound to ``127.0.0.1`` answers only there.
+    """
+    from urllib.parse import urlsplit, urlunsplit
+
+    from adorym_dask.dashboard.plugin import dashboard_hosts
+
+    try:
+        hosts = client.run_on_scheduler(dashboard_hosts)
+    except Exception:  # noqa: BLE001 - keep the link as distributed gives it
+        return url
+    loopback = [h for h in hosts if h.startswith("127.") or h == "::1"]
+    parts = urlsplit(url)
+    if hosts and len(loopback) == len(hosts) and parts.hostname not in hosts:
+        host = loopback[0] if ":" not in loopback[0] else f"[{loopback[0]}]"
+        netloc = f"{host}:{parts.port}" if parts.port else host
+        return urlunsplit(parts._replace(netloc=netloc))
     return url
 
 

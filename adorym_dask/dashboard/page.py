@@ -41,25 +41,39 @@ PERIOD_MS = 500
 _IMAGE = ("image", "dw", "dh")
 
 
-def latest_run(meta: Any) -> tuple[str, dict] | None:
-    """The run whose ``info.updated`` is newest (``meta["latest"]`` breaks ties), or ``None``.
+RECENT_S = 120.0  # a running run that published within this time is live
+
+
+def latest_run(meta: Any, *, now: float | None = None) -> tuple[str, dict] | None:
+    """The run to show: the most recently *started* of the live runs (status ``running``,
+    updated within :data:`RECENT_S`), so that two runs publishing at once do not make the
+    page flip between them; without a live run, the one updated last (``meta["latest"]``
+    breaks ties), or ``None``.
 
     Parameters
     ----------
     meta : dict or None
         ``scheduler.get_metadata(["adorym"])``: ``{run_id: {key: value}, "latest": run_id}``.
+    now : float, optional
+        The time (``time.time()``), for tests.
     """
+    import time
+
     if not isinstance(meta, dict):
         return None
     runs = {k: v for k, v in meta.items() if k != "latest" and isinstance(v, dict)}
     if not runs:
         return None
     pointer = meta.get("latest")
+    now = time.time() if now is None else now
 
-    def rank(item: tuple[str, dict]) -> tuple[float, bool]:
+    def rank(item: tuple[str, dict]) -> tuple[bool, float, float, bool]:
         info = item[1].get("info")
-        updated = info.get("updated", 0.0) if isinstance(info, dict) else 0.0
-        return float(updated or 0.0), item[0] == pointer
+        info = info if isinstance(info, dict) else {}
+        updated = float(info.get("updated", 0.0) or 0.0)
+        live = info.get("status") == "running" and now - updated < RECENT_S
+        started = float(info.get("started", 0.0) or 0.0) if live else 0.0
+        return live, started, updated, item[0] == pointer
 
     return max(runs.items(), key=rank)
 

@@ -72,6 +72,22 @@ def page_state(dask_scheduler: Any) -> tuple[str, str]:
     return "absent", prefix
 
 
+def dashboard_hosts(dask_scheduler: Any) -> list[str]:
+    """The addresses the scheduler's HTTP server (the dashboard) listens on.
+
+    Runs on the scheduler (``client.run_on_scheduler(dashboard_hosts)``); ``[]`` if unknown.
+    """
+    from distributed.comm.utils import get_tcp_server_addresses
+
+    server = getattr(dask_scheduler, "http_server", None)
+    if server is None:
+        return []
+    try:
+        return sorted({str(a[0]) for a in get_tcp_server_addresses(server)})
+    except (AttributeError, ValueError, OSError):
+        return []
+
+
 def mount_page(scheduler: Any) -> bool:
     """Serve the page on ``scheduler``'s dashboard unless it is there; ``False`` if it cannot.
 

@@ -11,6 +11,13 @@ def is_url(path: str) -> bool:
     return "://" in str(path)
 
 
+def absolute(path: str) -> str:
+    """A local path made absolute (workers may run in another folder); URLs as they are."""
+    import os
+
+    return str(path) if is_url(path) else os.path.abspath(os.path.expanduser(str(path)))
+
+
 @functools.lru_cache(maxsize=32)
 def zarr_store(path: str):
     """The zarr store for a run: a local path as is, a URL through fsspec (cached per process).

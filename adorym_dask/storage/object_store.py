@@ -269,8 +269,9 @@ class ObjectStore:
         CACHE.put((self.path, self.token, block, slot, ref.version), data)
         return ref
 
-    def publish(self, block: tuple[int, int], source) -> tuple[int, int]:
-        """Copy a block's object channels into the run store's ``object`` array."""
+    def publish(self, block: tuple[int, int], source) -> np.ndarray:
+        """Copy a block's object channels into the run store's ``object`` array; return
+        them, ``[h, w, n_z, 2]``."""
         y0, x0, h, w = self.block_box(block)
         data = self.load(block, source)[..., 0]
         try:
@@ -282,7 +283,7 @@ class ObjectStore:
                 "mix two epochs until it is rewritten); fix the cause (e.g. free disk space) "
                 "and continue with --resume"
             ) from None
-        return block
+        return data
 
     def read_box(self, box: tuple[int, int, int, int], sources: dict) -> np.ndarray:
         """Object values ``[h, w, n_z, 2]`` of ``box`` assembled from the blocks' sources."""
