@@ -547,7 +547,8 @@ class DashboardConfig(_Strict):
 
     enabled: bool = True
     slice_index: int | None = Field(
-        None, description="object slice (z index) shown; default the middle one"
+        None, description="object slice shown: the z index, or for tomography volumes the "
+        "row (y) of the axial (z, x) slice; default the middle one"
     )
     max_px: int = Field(192, ge=16, le=1024, description="largest side of the pictures sent")
 

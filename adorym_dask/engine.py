@@ -95,17 +95,25 @@ class DivergenceError(RuntimeError):
 
 
 def _publish_block(store: ObjectStore, block: tuple[int, int], source,
-                   preview: tuple[int, int] | None) -> tuple[int, int, np.ndarray] | None:
-    """Publish a block into the run store's ``object``; with ``preview = (step, z)`` also
-    return every ``step``-th pixel of its slice ``z`` for the dashboard (from the same read):
-    the preview's row and column where it goes and its values ``[h', w', 2]``."""
+                   preview: tuple[int, int, str] | None) -> tuple[int, int, np.ndarray] | None:
+    """Publish a block into the run store's ``object``; with ``preview = (step, index, axis)``
+    also return, from the same read, every ``step``-th pixel of its slice for the dashboard:
+    the z slice ``index`` (axis ``"z"``) or the axial slice at row ``index`` (axis ``"y"``,
+    volumes; ``(z, x)``), as the preview's row and column where it goes and its values
+    ``[h', w', 2]`` (None for a block the slice misses)."""
     data = store.publish(block, source)
     if preview is None:
         return None
-    step, z = preview
-    y0, x0, _, _ = store.block_box(block)
-    dy, dx = (-y0) % step, (-x0) % step
-    part = data[dy::step, dx::step, z, :]
+    step, index, axis = preview
+    y0, x0, h, _ = store.block_box(block)
+    dx = (-x0) % step
+    if axis == "y":
+        if not y0 <= index < y0 + h:
+            return None
+        part = data[index - y0, dx::step, ::step, :].transpose(1, 0, 2)  # (z, x, 2)
+        return 0, (x0 + dx) // step, np.ascontiguousarray(part, np.float32)
+    dy = (-y0) % step
+    part = data[dy::step, dx::step, index, :]
     return (y0 + dy) // step, (x0 + dx) // step, np.ascontiguousarray(part, np.float32)
 
 
@@ -701,24 +709,32 @@ class Reconstruction:
         self._show_on_dashboard()
         return loss
 
-    def _preview_plan(self) -> tuple[int, int] | None:
-        """``(step, z)`` of the object slice the dashboard shows, or None when it is off."""
+    def _preview_plan(self) -> tuple[int, int, str] | None:
+        """``(step, index, axis)`` of the object slice the dashboard shows (None when off):
+        a z slice, or for volumes that rotate (tomography) the axial slice at a row."""
         if not self.dashboard_on:
             return None
         opts = self.cfg.dashboard
         n_y, n_x, n_z = self.obj_shape[:3]
-        z = n_z // 2 if opts.slice_index is None else min(max(opts.slice_index, 0), n_z - 1)
-        return max(1, math.ceil(max(n_y, n_x) / opts.max_px)), z
+        axis = "y" if self.full_rows else "z"
+        n = n_y if axis == "y" else n_z
+        index = n // 2 if opts.slice_index is None else min(max(opts.slice_index, 0), n - 1)
+        side = max(n_x, n_z) if axis == "y" else max(n_y, n_x)
+        return max(1, math.ceil(side / opts.max_px)), index, axis
 
-    def _show_object(self, parts: list, step: int, z: int) -> None:
+    def _show_object(self, parts: list, step: int, index: int, axis: str) -> None:
         """Assemble the blocks' previews (from :func:`_publish_block`) and send them."""
-        n_y, n_x = self.obj_shape[:2]
-        out = np.zeros((-(-n_y // step), -(-n_x // step), 2), np.float32)
-        for r, c, data in parts:
-            out[r : r + data.shape[0], c : c + data.shape[1]] = data
+        n_y, n_x, n_z = self.obj_shape[:3]
+        rows = n_z if axis == "y" else n_y
+        out = np.zeros((-(-rows // step), -(-n_x // step), 2), np.float32)
+        for part in parts:
+            if part is not None:
+                r, c, data = part
+                out[r : r + data.shape[0], c : c + data.shape[1]] = data
+        where = f"row {index}, z down, x across" if axis == "y" else None
         try:
             self.dashboard.object_slice(out, representation=self.cfg.object.representation.value,
-                                        slice_index=z)
+                                        slice_index=index, where=where)
         except Exception as err:  # the page must never stop a run
             self._dashboard_failed(err)
 
@@ -735,7 +751,9 @@ class Reconstruction:
         try:
             if "probe" in self.params:
                 self.dashboard.probe(np.asarray(self.params["probe"].value))
-            if "positions" in self.params:
+            pos = self.params.get("positions")
+            if pos is not None and ("positions" in self.refinements
+                                    or np.ptp(np.asarray(pos.value)[0], axis=0).max() > 0):
                 self.dashboard.positions(initial=np.asarray(self.initial["positions"])[0],
                                          current=np.asarray(self.params["positions"].value)[0])
             small = {}

@@ -537,3 +537,32 @@ def test_engine_clusters_listen_on_loopback_and_link_there():
         url = dashboard.ensure_page(client)
         assert url.startswith("http://127.0.0.1:"), url
         assert _status(url) == 200
+
+
+def test_volume_runs_show_the_axial_slice(tmp_path):
+    """A tomography run shows the axial (z, x) slice at the chosen row, taken by the workers
+    from the blocks they publish: it equals that slice of the published object (max_px
+    large enough for no downsampling); runs without a scan send no positions."""
+    from adorym_dask.config import config_from_dict
+    from adorym_dask.engine import Reconstruction
+    from adorym_dask.simulate_tomography import simulate_tomography
+
+    sim = simulate_tomography(str(tmp_path / "tomo.h5"), shape=(8, 24, 24), n_angles=12,
+                              n_features=4, seed=2, progress=False)
+    cfg = config_from_dict({
+        "data": {"path": str(sim.path)}, "model": {"kind": "tomography"},
+        "object": {"representation": "delta_beta"}, "epochs": 2,
+        "output": str(tmp_path / "t.zarr"), "progress": False,
+        "dashboard": {"slice_index": 5, "max_px": 64},
+    })
+    rec = Reconstruction(cfg)
+    with LocalCluster(n_workers=1, processes=False, threads_per_worker=1,
+                      dashboard_address=None) as lc, Client(lc) as client:
+        result = rec.run(client)
+        rec.dashboard.flush(timeout_s=5)
+        meta = client.get_metadata(["adorym", rec.token])
+    obj = meta["object"]
+    assert obj["where"].startswith("row 5") and tuple(obj["shape"]) == (24, 24)
+    beta = result.object()[5, :, :, 1].T  # (z, x)
+    np.testing.assert_allclose(unpack(obj["second"]), beta, rtol=1e-6, atol=1e-12)
+    assert "positions" not in meta

@@ -255,7 +255,7 @@ class AdorymPage:
     def _object(self, obj: dict) -> None:
         ny, nx = obj.get("shape") or (1, 1)
         labels = obj.get("labels") or ("phase", "magnitude")
-        where = f"slice {obj.get('slice_index', 0)}, {ny} x {nx} px"
+        where = f"{obj.get('where') or 'slice %d' % obj.get('slice_index', 0)}, {ny} x {nx} px"
         for fig, name, label, key in zip(self.object_figs, ("object_phase", "object_magnitude"),
                                          labels, ("first", "second")):
             img = unpack(obj.get(key))

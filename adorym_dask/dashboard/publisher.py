@@ -150,8 +150,9 @@ class DashboardPublisher:
         self._info.update(epoch=int(epoch) + 1, batch=-1, loss=float(loss))
         self._put_many({("loss_epoch",): pack(np.asarray(self._epoch_rows, np.float32))})
 
-    def object_slice(self, values: np.ndarray, *, representation: str, slice_index: int) -> None:
-        """Show one z slice of the object.
+    def object_slice(self, values: np.ndarray, *, representation: str, slice_index: int,
+                     where: str | None = None) -> None:
+        """Show one slice of the object (a z slice, or a volume's axial slice).
 
         Parameters
         ----------
@@ -162,6 +163,8 @@ class DashboardPublisher:
             ``"real_imag"`` (shown as phase and magnitude) or ``"delta_beta"``.
         slice_index : int
             Which z slice this is (shown in the title).
+        where : str, optional
+            The slice's name in the title instead (e.g. ``"row 12 (z down, x across)"``).
         """
         if not self.enabled:
             return
@@ -169,7 +172,7 @@ class DashboardPublisher:
         first, second, labels = display_channels(values, representation=rep, max_px=self.max_px)
         self._put(("object",), {
             "first": pack(first), "second": pack(second), "labels": list(labels),
-            "representation": rep, "slice_index": int(slice_index),
+            "representation": rep, "slice_index": int(slice_index), "where": where,
             "shape": [int(s) for s in np.shape(values)[:2]],
         })
 
