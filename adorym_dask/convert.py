@@ -121,6 +121,11 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, overwrite: bool =
     _check_paths(src, dst, overwrite)
     given = {k: v for k, v in overrides.items() if v is not None}
     meas = open_measurements(src, check_values=False, **given)
+    ignored = sorted(set(given) - DATA_EXCHANGE_OPTIONS)
+    if meas.source.fmt == "data_exchange" and ignored:
+        raise MeasurementError(
+            f"{src}: a Data Exchange file (projections) has no use for "
+            f"{', '.join('--' + k.replace('_', '-') for k in ignored)}; leave them out")
     n_frames = meas.n_angles * meas.n_tiles
     with tqdm(total=n_frames, desc=f"converting {src.name}", unit="frame",
               disable=not progress) as bar:
@@ -135,6 +140,10 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, overwrite: bool =
     return Path(written)
 
 
+# the options a Data Exchange source can use (the others are for ptychography formats)
+DATA_EXCHANGE_OPTIONS = {"energy_ev", "pixel_size_m", "detector_distance_m", "fmt"}
+
+
 def _incident_photons(meas: Measurements) -> float | None:
     """Data Exchange transmissions: 1 (stated, so no counts warning); others: the stored
     value, where it is not the default."""
@@ -146,7 +155,7 @@ def _incident_photons(meas: Measurements) -> float | None:
 def _note_source(path: str, src: Path, fmt: str) -> None:
     """Record where the file came from (root attributes ``converted_from``, ``source_format``)."""
     attrs = {"converted_from": str(src), "source_format": fmt}
-    if path.endswith(".zarr"):
+    if path.lower().rstrip("/").endswith(".zarr"):
         import zarr
 
         zarr.open_group(path, mode="r+").attrs.update(attrs)

@@ -566,3 +566,26 @@ def test_volume_runs_show_the_axial_slice(tmp_path):
     beta = result.object()[5, :, :, 1].T  # (z, x)
     np.testing.assert_allclose(unpack(obj["second"]), beta, rtol=1e-6, atol=1e-12)
     assert "positions" not in meta
+
+
+def test_publisher_resends_after_a_passing_comm_failure():
+    """A push that fails half way (a comm hiccup) is sent again at the next push: the
+    epoch loss and the final status still arrive."""
+
+    class Flaky:
+        def __init__(self):
+            self.store: dict = {}
+            self.fail = 1
+
+        def set_metadata(self, keys, value):
+            if self.fail and keys[-1] == "loss_epoch":
+                self.fail -= 1
+                raise OSError("comm closed")
+            self.store[tuple(keys)] = value
+
+    client = Flaky()
+    pub = DashboardPublisher(client, run_id="r", model_kind="ptychography", epochs=1)
+    pub.epoch(epoch=0, loss=2.5)
+    pub.finished()
+    assert unpack(client.store[("adorym", "r", "loss_epoch")]).tolist() == [[0.0, 2.5]]
+    assert client.store[("adorym", "r", "info")]["status"] == "finished"

@@ -205,6 +205,17 @@ def test_conversion_streams_in_blocks_and_takes_missing_values(tmp_path, monkeyp
         assert f.attrs["source_format"] == "cxi" and f.attrs["converted_from"] == str(src)
 
 
+def test_convert_rejects_options_a_data_exchange_file_cannot_use(tmp_path):
+    """Projections have no cone beam or raw data type: such options are an error, not
+    silently dropped; an upper-case .ZARR output is written as zarr."""
+    src = _data_exchange(tmp_path / "dx.h5")
+    with pytest.raises(MeasurementError, match="--source-distance-m"):
+        convert(src, tmp_path / "n.h5", source_distance_m=0.01, progress=False)
+    assert not (tmp_path / "n.h5").exists()
+    out = convert(src, tmp_path / "N.ZARR", progress=False)
+    _same(open_measurements(src), open_measurements(out))
+
+
 def test_convert_refuses_to_overwrite_and_never_touches_the_input(tmp_path, capsys):
     src = _adorym(tmp_path / "a.h5")
     dst = tmp_path / "n.h5"

@@ -56,6 +56,8 @@ MAX_MINIBATCHES = 20_000
 """Minibatch losses kept (the oldest chunks are dropped)."""
 MAX_POSITIONS = 2000
 """Scan positions shown (a fixed stride through the scan)."""
+RETRIES = 3
+"""Consecutive failed pushes after which unsent values are dropped (the comm is gone)."""
 MAX_PARAMETER_VALUES = 64
 MAX_HISTORY = 2000
 
@@ -115,6 +117,7 @@ class DashboardPublisher:
         self._stop = False
         self._thread: threading.Thread | None = None
         self._warned = False
+        self._failures = 0  # consecutive failed pushes
         self._put(("info",), dict(self._info))
 
     @property
@@ -290,24 +293,38 @@ class DashboardPublisher:
                     return
                 batch, self._pending = self._pending, {}
                 target = self._queued
-            self._push(batch)
+            done = self._push(batch)
             with self._cond:
-                self._sent = target
+                if done:  # else the rest is pending again and goes with the next push
+                    self._sent = target
                 self._cond.notify_all()
                 # coalesce what the engine sets meanwhile (its notifications do not cut this)
                 pause_until = time.monotonic() + self.interval_s
                 while not self._stop and (left := pause_until - time.monotonic()) > 0:
                     self._cond.wait(left)
 
-    def _push(self, batch: dict[tuple[str, ...], Any]) -> None:
+    def _push(self, batch: dict[tuple[str, ...], Any]) -> bool:
+        """Send ``batch``; False when part of it is pending again after a failure."""
         client = self._client
+        sent: set[tuple[str, ...]] = set()
         try:
             for key, value in batch.items():
                 client.set_metadata(["adorym", self.run_id, *key], value)
+                sent.add(key)
             client.set_metadata(["adorym", "latest"], self.run_id)
+            self._failures = 0
         except Exception as err:  # noqa: BLE001 - monitoring must never stop a reconstruction
+            self._failures += 1
+            retry = self._failures <= RETRIES  # a passing hiccup: send the rest next time
+            if retry:
+                with self._cond:
+                    for key, value in batch.items():
+                        if key not in sent:
+                            self._pending.setdefault(key, value)  # unless a newer value waits
             if not self._warned:
                 self._warned = True
                 log.warning("dashboard: could not publish run %s to the scheduler (%s: %s); "
                             "the run goes on, the page may lag", self.run_id,
                             type(err).__name__, err)
+            return not retry
+        return True
