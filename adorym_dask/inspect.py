@@ -146,7 +146,8 @@ def _model_lines(config: dict, attrs: dict) -> list[str]:
     shown = ", ".join(f"{k} {v}" for k, v in model.items() if v is not None)
     data = config.get("data", {}).get("path", attrs.get("data_path", "?"))
     out = [f"model: {kind}" + (f" ({shown})" if shown else "")]
-    here = "" if Path(str(data)).exists() else "  [not found here: resuming needs it]"
+    found = attrs.get("data_path", data)  # the absolute path the run read
+    here = "" if Path(str(found)).exists() else "  [not found here: resuming needs it]"
     energy, pixel = attrs.get("energy_ev"), attrs.get("pixel_size_m")
     out.append(f"data: {data}{here}")
     if energy is not None:
@@ -260,7 +261,7 @@ def _resume_lines(path: Path, config: dict, ck, problem: str | None, done: int) 
     else:
         out.append("  to continue it:")
     stored = config.get("output")
-    if stored and Path(str(stored)).absolute() != path.absolute():
+    if stored and Path(str(stored)).is_absolute() and Path(str(stored)) != path.absolute():
         cmd += f" --set output={path}"
         out.append(f"  (the store has moved: its config's output is {stored})")
     out.append(f"    {cmd}")
