@@ -181,14 +181,19 @@ def assert_no_memory_trouble(m: MemoryRun, limit: int, *, growth: float) -> None
         assert w["peak_rss"] - m.baseline < growth, report
 
 
+def require_free_disk(folder, need: int) -> None:
+    """Skip (saying how much) unless ``folder`` has ``need`` bytes free: a store several
+    times the workers' memory must fit on the disk."""
+    free = shutil.disk_usage(folder).free
+    if free < need:
+        pytest.skip(f"needs {need / 2**30:.1f} GiB free disk under {folder}, has "
+                    f"{free / 2**30:.1f} GiB")
+
+
 def test_object_store_four_times_worker_memory(tmp_path):
     object_bytes = SHAPE[0] * SHAPE[1] * 1 * 2 * 4
     assert object_bytes >= 4 * LIMIT
-    need = 3 * object_bytes + 256 * MIB
-    free = shutil.disk_usage(tmp_path).free
-    if free < need:
-        pytest.skip(f"needs {need / 2**30:.1f} GiB free disk under {tmp_path}, has "
-                    f"{free / 2**30:.1f} GiB")
+    require_free_disk(tmp_path, 3 * object_bytes + 256 * MIB)
     warm = _config(*_write_scan(tmp_path / "warm", (1024, 1024)), tmp_path / "warm.zarr",
                    (1024, 1024))
     cfg = _config(*_write_scan(tmp_path / "big", SHAPE), tmp_path / "run.zarr", SHAPE)

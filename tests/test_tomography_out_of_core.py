@@ -35,7 +35,6 @@ the task, a worker holds its block cache (5 % of the limit, 29 MiB: ~7 slabs, se
 from __future__ import annotations
 
 import math
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +44,9 @@ import xarray as xr
 from adorym_dask.config import config_from_dict
 from adorym_dask.storage.checkpoint import load_checkpoint
 from adorym_dask.storage.measurements import write_measurements
-from test_out_of_core import MIB, SPILL, assert_no_memory_trouble, run_measured
+from test_out_of_core import (
+    MIB, SPILL, assert_no_memory_trouble, require_free_disk, run_measured,
+)
 
 N_X = 256  # = n_z = det_x
 # 768 MiB workers: the far-field test's 576 MiB leave ~60 MiB above a warm worker's 340 MiB
@@ -99,11 +100,7 @@ def _config(data: Path, output: Path):
 def test_volume_four_times_worker_memory(tmp_path):
     volume_bytes = N_Y * N_X * N_X * 2 * 4
     assert volume_bytes >= 4 * LIMIT
-    need = 3 * volume_bytes + 256 * MIB
-    free = shutil.disk_usage(tmp_path).free
-    if free < need:
-        pytest.skip(f"needs {need / 2**30:.1f} GiB free disk under {tmp_path}, has "
-                    f"{free / 2**30:.1f} GiB")
+    require_free_disk(tmp_path, 3 * volume_bytes + 256 * MIB)
     warm = _config(_write_cylinder(tmp_path / "warm", 2 * BAND), tmp_path / "warm.zarr")
     cfg = _config(_write_cylinder(tmp_path / "big", N_Y), tmp_path / "run.zarr")
     m = run_measured(warm, cfg, LIMIT)
